@@ -1,0 +1,55 @@
+"""Named presets, from a CPU-sized `tiny` to NextStep-1's 14B `nextstep-1-large` (DiT-style table of factories)."""
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from .schema import ARConfig, Config, DraftConfig, HeadConfig, ImageConfig, ModelConfig, TextConfig
+
+
+def tiny() -> Config:
+    """CPU preset: 32 px pixel patches (64 tokens of 48-d), 4-layer AR, 2-layer draft, sentencepiece tokenizer."""
+    return Config(preset="tiny")
+
+
+def small() -> Config:
+    """One-GPU preset: a 16-layer, 1024-wide Qwen2 backbone on VAE tokens (256 tokens of 64-d at 256 px)."""
+    model = ModelConfig(
+        ar=ARConfig(hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=4, intermediate_size=2816,
+                    vocab_size=151680, max_position_embeddings=4096, rope_theta=1_000_000.0),
+        head=HeadConfig(width=1024, depth=6),
+        image=ImageConfig(tokenizer="vae", resolution=256, patch_size=2, channels=16, vae_path="weights/vae"),
+        text=TextConfig(tokenizer="hf", path="weights/tokenizer", max_length=128, add_special_tokens=True),
+        draft=DraftConfig(num_layers=4),
+    )
+    return Config(preset="small", model=model)
+
+
+def nextstep_1_large() -> Config:
+    """NextStep-1 (Qwen2.5-14B backbone; head 12 x 1536; 64-d tokens = 16 VAE channels x patch 2^2; 256 px)."""
+    model = ModelConfig(
+        ar=ARConfig(hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, intermediate_size=13824,
+                    vocab_size=152064, max_position_embeddings=131072, rope_theta=1_000_000.0, rms_norm_eps=1e-5),
+        head=HeadConfig(width=1536, depth=12),
+        image=ImageConfig(tokenizer="vae", resolution=256, patch_size=2, channels=16, vae_path="weights/vae",
+                          token_layernorm=True),
+        text=TextConfig(tokenizer="hf", path="weights/NextStep-1-Large", max_length=256),
+        draft=DraftConfig(num_layers=6),
+        dtype="bfloat16",
+    )
+    return Config(preset="nextstep-1-large", model=model)
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "tiny": tiny,
+    "small": small,
+    "nextstep-1-large": nextstep_1_large,
+}
+
+
+def get_preset(name: str) -> Config:
+    """A fresh config for a named preset; an unknown name lists the valid ones."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.0)
+        raise KeyError(f"unknown preset '{name}'. Did you mean '{close[0]}'? Valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()

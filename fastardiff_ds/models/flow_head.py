@@ -1,0 +1,121 @@
+"""Flow-matching head: MAR / NextStep-1 SimpleMLPAdaLN predicting velocity.
+
+Time convention (NextStep-1, used everywhere in this package): t = 1 is data, t = 0 is noise,
+x_t = t * x + (1 - t) * eps, and the head predicts v = x - eps. Key names match NextStep-1's `image_head.net.*`
+(`time_embed.mlp.{0,2}`, `cond_embed`, `input_proj`, `res_blocks.{j}.{in_ln,mlp,adaLN_modulation}`, `final_layer`).
+A CFG-distilled student adds `guidance_embed` (same sinusoidal MLP as time) so the fast path needs no uncond pass.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config.schema import HeadConfig
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal(256) -> Linear -> SiLU -> Linear, as in DiT / MAR / NextStep-1 (t fed in [0, 1])."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    @staticmethod
+    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoidal(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int, mlp_ratio: float):
+        super().__init__()
+        inner = int(width * mlp_ratio)
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, inner), nn.SiLU(), nn.Linear(inner, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x, y):
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, y):
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class SimpleMLPAdaLN(nn.Module):
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, mlp_ratio: float):
+        super().__init__()
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.input_proj = nn.Linear(token_dim, width)
+        self.res_blocks = nn.ModuleList([ResBlock(width, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(width, token_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        zero = [b.adaLN_modulation[-1] for b in self.res_blocks]
+        zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for m in zero:  # adaLN-zero: every block starts as the identity, the output as 0
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, cond, extra=None):
+        y = self.time_embed(t) + self.cond_embed(cond)
+        if extra is not None:
+            y = y + extra
+        h = self.input_proj(x)
+        for block in self.res_blocks:
+            h = block(h, y)
+        return self.final_layer(h, y)
+
+
+class FlowHead(nn.Module):
+    """v = head(x (N,D), t (N,), cond (N,C), guidance (N,) | None) -> (N,D)."""
+
+    def __init__(self, cfg: HeadConfig, token_dim: int, cond_dim: int):
+        super().__init__()
+        self.token_dim, self.cond_dim = token_dim, cond_dim
+        self.net = SimpleMLPAdaLN(token_dim, cond_dim, cfg.width, cfg.depth, cfg.mlp_ratio)
+        self.guidance_embed = TimestepEmbedder(cfg.width) if cfg.guidance_embed else None
+        if self.guidance_embed is not None:
+            nn.init.zeros_(self.guidance_embed.mlp[2].weight)  # starts as the teacher: no guidance signal
+            nn.init.zeros_(self.guidance_embed.mlp[2].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: torch.Tensor | None = None):
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        extra = None
+        if self.guidance_embed is not None:
+            if guidance is None:
+                raise ValueError("this head was built with guidance_embed=True: pass the CFG scale as `guidance`")
+            g = guidance.expand(x.shape[0]) if guidance.dim() == 0 else guidance
+            extra = self.guidance_embed(g)
+        dtype = self.net.input_proj.weight.dtype
+        return self.net(x.to(dtype), t.to(dtype), cond.to(dtype), extra)
