@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..data.config import DataConfig
+from ..logging import WandbConfig
+
 
 @dataclass
 class ARConfig:
@@ -96,6 +99,43 @@ class ModelConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Stage 0 (launcher/pretrain_t2i.py): AR + flow head with rectified flow, for presets without public weights."""
+
+    steps: int = 3000
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    batch_mul: int = 4  # noise draws per token (NextStep-1 fm_head_batch_mul)
+    log_every: int = 20
+    save_every: int = 250
+    sample_every: int = 500
+    max_minutes: float = 0.0  # > 0: save and stop after this much wall-clock time
+
+
+@dataclass
+class InferenceConfig:
+    """How images are sampled (launcher/generate.py, eval suites, bench_inference.py)."""
+
+    sampler: str = "sde"  # sde | ode (teacher head)
+    num_steps: int = 50  # teacher head steps per token (NextStep-1: 50)
+    noise_level: float = 1.0  # SDE eta; speculative acceptance rises with it (DESIGN.md §4)
+    time_shift: float = 1.0
+    cfg_scale: float = 3.0
+    cfg_schedule: str = "constant"  # constant | linear
+    student_steps: int = 2  # few-step student head (dmd / fastardiff modes)
+    student_final_std: float = 0.02  # > 0 so the student chain has a density (exact verification)
+    gamma: int = 4  # draft length
+    tau: float | None = None  # entropy early-stop threshold; None = the checkpoint's (Eq. 10)
+    accept: str = "exact"  # exact | cspd
+    max_resample_tries: int = 16
+    batch_size: int = 4
+
+
+@dataclass
 class Config:
     """Root of the config tree. Sections for data, sampling, training and engines are added by those subsystems."""
 
@@ -103,3 +143,8 @@ class Config:
     seed: int = 0
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(shards="data/shapes", resolution=32, batch_size=32,
+                                                                 max_text_len=48, drop_text_prob=0.1))
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)

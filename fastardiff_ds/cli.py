@@ -1,0 +1,36 @@
+"""Argument handling shared by the launchers: preset -> config file -> dotted overrides, --print-config."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import Config, dotted_keys, resolve_config, to_dict
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
+    parser.add_argument("--preset", default=default_preset, help="named preset: tiny | small | nextstep-1-large")
+    parser.add_argument("--config", default=None, help="JSON/YAML file merged over the preset")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (and valid keys), exit")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.steps=100 model.ar.num_layers=6")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = resolve_config(args.preset, args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        print("\nvalid keys:\n  " + "\n  ".join(dotted_keys(cfg)))
+        sys.exit(0)
+    return cfg
+
+
+def text_and_image_tokenizers(cfg: Config, device="cpu"):
+    """Load both tokenizers for a config (asset paths resolve against the repository root)."""
+    from .models import build_image_tokenizer, load_text_tokenizer, resolve_asset
+
+    cfg.model.text.path = resolve_asset(cfg.model.text.path)
+    text = load_text_tokenizer(cfg.model.text)
+    if text.vocab_size > cfg.model.ar.vocab_size:
+        raise ValueError(f"text tokenizer has {text.vocab_size} ids but model.ar.vocab_size="
+                         f"{cfg.model.ar.vocab_size}: raise model.ar.vocab_size")
+    return text, build_image_tokenizer(cfg.model.image, device)
