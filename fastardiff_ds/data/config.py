@@ -1,0 +1,53 @@
+"""Configuration of the streaming data loader (composed into the global config tree by the lead)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("pixels", "latents")
+INTERPOLATIONS = ("bicubic", "bilinear", "box", "nearest", "lanczos")
+
+
+@dataclass
+class DataConfig:
+    """Streaming webdataset loader settings.
+
+    shards: a brace pattern (``/d/{00000..00099}.tar``), a directory of ``*.tar`` or a ``.txt``
+        list file with one shard path per line (relative paths resolve against the list's folder).
+    batch_size: per data-parallel rank.
+    samples_per_epoch: global samples in one epoch (all ranks); None -> the dataset size from
+        ``sizes.json`` / ``*_stats.json`` / parquet metadata. Every rank yields exactly
+        ``samples_per_epoch // (batch_size * world_size)`` batches per epoch.
+    resampled: draw shards with replacement (infinite stream, no shard-count requirement).
+    shuffle_shards / shuffle_buffer: shard-order shuffle per epoch and sample shuffle buffer
+        (0 or 1 disables it) -- both seeded by (seed, epoch, rank, worker).
+    kind: "pixels" reads ``jpg/png/webp``; "latents" reads ``latent.npy`` written by encode_latents.
+    min_image_size: images whose shorter side is smaller are skipped (reason "too_small").
+    """
+
+    shards: str = ""
+    resolution: int = 32
+    batch_size: int = 8
+    num_workers: int = 2
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    samples_per_epoch: int | None = None
+    seed: int = 0
+    drop_text_prob: float = 0.1
+    max_text_len: int = 64
+    kind: str = "pixels"
+    interpolation: str = "bicubic"
+    min_image_size: int = 16
+    prefetch_factor: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"DataConfig.kind={self.kind!r}; expected one of {KINDS}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"DataConfig.interpolation={self.interpolation!r}; expected one of {INTERPOLATIONS}")
+        if self.batch_size < 1 or self.resolution < 1 or self.max_text_len < 1:
+            raise ValueError("DataConfig.batch_size, resolution and max_text_len must be >= 1")
+        if not 0.0 <= self.drop_text_prob <= 1.0:
+            raise ValueError(f"DataConfig.drop_text_prob={self.drop_text_prob} must be in [0, 1]")
+        if self.num_workers < 0:
+            raise ValueError(f"DataConfig.num_workers={self.num_workers} must be >= 0")
