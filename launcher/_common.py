@@ -53,3 +53,25 @@ def sample_grid_callback(cfg: Config, trainer, text, image, logger, prompts=SAMP
         logger.image("samples", path, step=step)
 
     return callback
+
+
+def joint_sample_callback(cfg: Config, prompts=SAMPLE_PROMPTS):
+    """callback(trainer, logger, export_dir): rank 0 samples the exported checkpoint in `fastardiff` mode (the
+    student + draft + target verification) and writes samples/step_XXXXXX.png; the other ranks wait."""
+    from fastardiff_ds import engines as E
+    from fastardiff_ds.visual import make_grid
+
+    def callback(trainer, logger, export_dir) -> None:
+        if E.is_rank0() and export_dir is not None:
+            from fastardiff_ds.inference import load_pipeline
+
+            pipe = load_pipeline(str(export_dir), mode="fastardiff", device=str(E.device()))
+            images = pipe.generate(prompts, list(range(len(prompts))))
+            out = Path(cfg.run_dir) / "samples"
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"step_{trainer.step:06d}.png"
+            make_grid(images, prompts, cols=4, scale=4, caption_height=12).save(path)
+            logger.image("samples/fastardiff", path, step=trainer.step)
+        E.barrier()
+
+    return callback

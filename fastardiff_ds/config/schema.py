@@ -136,6 +136,47 @@ class InferenceConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The Fast-ARDiff joint run (launcher/train_t2i.py, DESIGN.md §3). Steps count optimizer steps."""
+
+    teacher: str = "assets/tiny_teacher"  # frozen teacher checkpoint folder (NextStep-1 layout)
+    ds_config: str = "ds_configs/zero3.json"
+    steps: int = 60
+    cd_steps: int = 30  # stage 1 (consistency distillation) for steps < cd_steps, then stage 2 (DMD)
+    target_ar: bool = False  # also train the target AR (through the student's distillation loss)
+    lambda_ent: float = 1.0
+    alpha_kind: str = "linear"  # linear (Eq. 8) | cosine | step | constant
+    alpha0: float = 0.95
+    alphaT: float = 0.05
+    alpha_step_at: float = 0.5
+    lr_draft: float = 1e-4
+    lr_target: float = 1e-5
+    lr_student_cd: float = 1e-4  # paper S2.3 stage 1
+    lr_student_dmd: float = 2e-5  # paper S2.3 stage 2 (generator)
+    lr_fake: float = 1e-5  # paper S2.3 stage 2 (fake branch)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    gen_every: int = 5  # DMD two time-scale rule: generator every k steps, fake score every step
+    ema_decay: float = 0.95  # CD target network (LCM)
+    cd_delta: float = 0.02
+    guidance_min: float = 1.0  # CFG scales sampled in CD and fed to the student's guidance embedding
+    guidance_max: float = 5.0
+    dmd_guidance: float = 3.0  # teacher CFG of the real score in DMD; the student's fixed embedding there
+    student_steps: int = 2  # few-step grid the DMD generator is trained on
+    grad_accum: int = 1
+    teacher_group_size: int = 0  # ranks the frozen teacher is partitioned over (0 = ranks of one node)
+    teacher_replicate: bool = False  # replicate the teacher instead (small models)
+    log_every: int = 10
+    save_every: int = 20
+    sample_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+    tau_batches: int = 4  # batches of training data for the early-stop threshold (Eq. 10)
+    export_dir: str = ""  # default: run_dir/export
+
+
+@dataclass
 class Config:
     """Root of the config tree. Sections for data, sampling, training and engines are added by those subsystems."""
 
@@ -148,3 +189,4 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

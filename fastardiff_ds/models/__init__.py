@@ -117,6 +117,6 @@ def count_params(module: torch.nn.Module) -> int:
 __all__ = [
     "ARStep", "DraftAR", "FlowHead", "KVCache", "ModelBundle", "PixelPatchTokenizer", "TargetAR", "TextTokenizer",
     "VAETokenizer", "build_draft", "build_head", "build_image_tokenizer", "build_target", "count_params",
-    "from_pretrained", "load_config", "load_pretrained", "load_text_tokenizer", "patchify", "resolve_asset",
+    "from_pretrained", "load_config", "nextstep_state", "load_pretrained", "load_text_tokenizer", "patchify", "resolve_asset",
     "row_entropy", "save_pretrained", "unpatchify",
 ]

@@ -9,13 +9,12 @@ State-dict keys follow NextStep-1 (no `model.` prefix): `embed_tokens`, `layers.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..config.schema import ModelConfig
-from .backbone import Positions, Qwen2Backbone
+from .backbone import Output, Positions, Qwen2Backbone
 from .kv_cache import KVCache
 
 
@@ -31,16 +30,15 @@ def row_entropy(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(n >= 2, ent / n.clamp_min(2).log(), torch.zeros_like(ent)).clamp(0.0, 1.0)
 
 
-@dataclass
-class ARStep:
-    """What one AR call returns for its T input positions."""
+class ARStep(Output):
+    """What one AR call returns for its T input positions: cond (B,T,C) head condition for the token that follows
+    each position; hidden (B,T,H) final-norm hidden states (the features the draft regresses); entropy (B,T)
+    normalised entropy of the explicit layer; layer_hidden {k: (B,T,H)}; attn_probs (B,heads,T,K) with grad and
+    attn_valid (B,T,K), explicit layer only."""
 
-    cond: torch.Tensor  # (B,T,C) head condition for the token that follows each position
-    hidden: torch.Tensor  # (B,T,H) final-norm hidden states (the features the draft regresses)
-    entropy: torch.Tensor | None = None  # (B,T) normalised entropy of the explicit layer (draft)
-    layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
-    attn_probs: torch.Tensor | None = None  # (B,heads,T,K) with grad, explicit layer only
-    attn_valid: torch.Tensor | None = None  # (B,T,K)
+    def __init__(self, cond, hidden, entropy=None, layer_hidden=None, attn_probs=None, attn_valid=None):
+        super().__init__(cond=cond, hidden=hidden, entropy=entropy, layer_hidden=layer_hidden or {},
+                         attn_probs=attn_probs, attn_valid=attn_valid)
 
 
 class ARModel(Qwen2Backbone):

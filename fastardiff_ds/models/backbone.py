@@ -107,12 +107,23 @@ class DecoderLayer(nn.Module):
         return h, probs
 
 
-@dataclass
-class BackboneOutput:
-    hidden: torch.Tensor  # (B,T,H) after the final norm
-    layer_hidden: dict[int, torch.Tensor]  # {k: (B,T,H)} output of the first k layers (pre-norm), on request
-    attn_probs: torch.Tensor | None  # (B,heads,T,K) of the explicit layer, on request
-    attn_valid: torch.Tensor | None  # (B,T,K) bool: which keys each row may attend to
+class Output(dict):
+    """A dict with attribute access. Model outputs are dicts, not dataclasses, because ZeRO-3 walks the tensors
+    of a module's output (tuples, lists, dicts) to hook its backward; a dataclass would hide them."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError as e:
+            raise AttributeError(key) from e
+
+
+class BackboneOutput(Output):
+    """hidden (B,T,H) after the final norm; layer_hidden {k: (B,T,H)} output of the first k layers (pre-norm);
+    attn_probs (B,heads,T,K) of the explicit layer; attn_valid (B,T,K) bool keys each row may attend to."""
+
+    def __init__(self, hidden, layer_hidden, attn_probs=None, attn_valid=None):
+        super().__init__(hidden=hidden, layer_hidden=layer_hidden, attn_probs=attn_probs, attn_valid=attn_valid)
 
 
 class Qwen2Backbone(nn.Module):

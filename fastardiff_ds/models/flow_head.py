@@ -74,6 +74,8 @@ class SimpleMLPAdaLN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        if self.input_proj.weight.dim() != 2:  # not materialised (built partitioned, e.g. under zero.Init)
+            return  # the weights are loaded from a checkpoint afterwards
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -104,7 +106,7 @@ class FlowHead(nn.Module):
         self.token_dim, self.cond_dim = token_dim, cond_dim
         self.net = SimpleMLPAdaLN(token_dim, cond_dim, cfg.width, cfg.depth, cfg.mlp_ratio)
         self.guidance_embed = TimestepEmbedder(cfg.width) if cfg.guidance_embed else None
-        if self.guidance_embed is not None:
+        if self.guidance_embed is not None and self.guidance_embed.mlp[2].weight.dim() == 2:
             nn.init.zeros_(self.guidance_embed.mlp[2].weight)  # starts as the teacher: no guidance signal
             nn.init.zeros_(self.guidance_embed.mlp[2].bias)
 

@@ -1,0 +1,107 @@
+"""Process-group bootstrap: the one place that starts torch.distributed (through DeepSpeed).
+
+Every rank calls the same functions in the same order; nothing here branches on rank except logging.
+CPU runs use gloo (``DS_ACCELERATOR=cpu``), GPU runs use nccl; the backend comes from the accelerator
+DeepSpeed detected, so launch scripts never name it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def accelerator_name() -> str:
+    """``"cuda"`` or ``"cpu"`` (whatever DeepSpeed's accelerator resolved to)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def device() -> torch.device:
+    """This rank's compute device (``cuda:<local_rank>`` or ``cpu``)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def default_backend() -> str:
+    """gloo on CPU, nccl on CUDA (``DeepSpeed``'s own choice for other accelerators)."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return "gloo" if name == "cpu" else get_accelerator().communication_backend_name()
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
+    """Start the default process group from the launcher's env (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...).
+
+    Idempotent: a second call (or a group started by torch elsewhere) is a no-op apart from DeepSpeed
+    adopting it. A single process without launcher env becomes a world of one on 127.0.0.1.
+    Must run before any model is built under ``zero.Init`` (DeepSpeed raises otherwise).
+    """
+    import deepspeed
+
+    _skip_cpu_shm_op()
+    if "RANK" not in os.environ and not dist.is_initialized():
+        # Single process (tests, notebooks): a loopback world of one.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed(dist_backend=backend or default_backend(), verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+    if accelerator_name() != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().set_device(local_rank())
+
+
+def _skip_cpu_shm_op() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op at every process start-up (minutes of
+    C++ on a busy 2-core machine, and a hang if a killed build leaves its lock file). It only speeds up
+    inference all-reduces; training collectives run on gloo. Skip it unless FASTARDIFF_DS_SHM_OP=1."""
+    if accelerator_name() == "cpu" and os.environ.get("FASTARDIFF_DS_SHM_OP", "0") != "1":
+        import importlib
+
+        # by module path: `deepspeed.comm.torch` as an attribute is the torch package itself
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for single-host launches and tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", get_rank()))
+
+
+def local_world_size() -> int:
+    """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun), ``LOCAL_SIZE`` (DeepSpeed CPU) or the world."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return get_world_size()
+
+
+def is_rank0() -> bool:
+    return get_rank() == 0
+
+
+def barrier(group=None) -> None:
+    """Collective barrier (no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier(group=group)

@@ -1,0 +1,211 @@
+"""One DeepSpeed engine per trainable network (target AR, draft AR, student head, fake score).
+
+Each engine has its own optimizer and lr schedule (``EngineSpec``); batch size and lr are injected
+into the DeepSpeed dict from the experiment config (see ``ds_config``). Two optimizer paths:
+- GPU: ``"optimizer": {"type": "AdamW"}`` in the resolved dict, so DeepSpeed picks FusedAdam (or
+  DeepSpeedCPUAdam under optimizer offload), bf16 when the JSON says ``"auto"`` and the GPU has it;
+- CPU: a client ``torch.optim.AdamW`` with ``zero_allow_untested_optimizer`` (gloo, fp32).
+Every method is collective under ZeRO-3: all ranks call the same engines in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from fastardiff_ds.engines.dist import accelerator_name, get_world_size
+from fastardiff_ds.engines.ds_config import train_ds_config
+from fastardiff_ds.engines.groups import mpu_scope
+
+ModelOrBuilder = nn.Module | Callable[[], nn.Module]
+
+
+@dataclass
+class EngineSpec:
+    """Optimizer, schedule and ZeRO knobs of one trainable network.
+
+    ``warmup``/``total_steps`` count optimizer steps. ``grad_clip=None`` keeps the JSON's value;
+    ``zero_stage=None`` keeps the JSON's stage; ``zero_overrides`` are merged into
+    ``zero_optimization`` (e.g. ``{"stage3_param_persistence_threshold": 1e7}`` keeps a small head
+    resident instead of all-gathering it at every one of its many calls per token).
+    """
+
+    name: str
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup: int = 0
+    total_steps: int = 0
+    schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr at total_steps) or "constant" after warmup
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+    zero_stage: int | None = None
+    zero_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.warmup < 0 or self.total_steps < 0:
+            raise ValueError(f"EngineSpec {self.name!r}: need lr > 0, warmup >= 0, total_steps >= 0")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"EngineSpec {self.name!r}: schedule={self.schedule!r}, use 'cosine' or 'constant'")
+        if self.schedule == "cosine" and self.total_steps <= self.warmup:
+            raise ValueError(f"EngineSpec {self.name!r}: cosine schedule needs total_steps > warmup "
+                             f"(got {self.total_steps} <= {self.warmup}); set total_steps or use 'constant'")
+
+
+def default_lr_lambda(spec: EngineSpec) -> Callable[[int], float]:
+    """Multiplier of ``spec.lr`` at optimizer step s: linear warmup, then cosine or constant."""
+
+    def fn(step: int) -> float:
+        if step < spec.warmup:
+            return (step + 1) / spec.warmup
+        if spec.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - spec.warmup) / (spec.total_steps - spec.warmup))
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; biases and norm gains (ndim < 2) get no weight decay.
+
+    Uses the full shape (``ds_shape``) of ZeRO-3 params: a partitioned param's own tensor is a 1-D stub.
+    """
+    def ndim(p):
+        return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+
+    decay = [p for p in model.parameters() if p.requires_grad and ndim(p) >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and ndim(p) < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": rest, "weight_decay": 0.0}) if g["params"]]
+
+
+def partition_numel(module: nn.Module) -> int:
+    """Parameter elements held by this rank (its ZeRO-3 shards, or everything when not partitioned)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+
+
+class Engine:
+    """Thin wrapper over a ``DeepSpeedEngine``: the only object the trainer steps.
+
+    ``forward``/``backward``/``step`` run under this engine's data-parallel setting (see
+    ``groups.mpu_scope``) so engines on different groups can live in one process.
+    """
+
+    def __init__(self, ds_engine, spec: EngineSpec, ds_config: dict, mpu=None):
+        self.ds, self.spec, self.ds_config, self.mpu = ds_engine, spec, ds_config, mpu
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        with mpu_scope(self.mpu):
+            return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with mpu_scope(self.mpu):
+            self.ds.backward(loss)
+
+    def step(self) -> None:
+        """Optimizer + lr-schedule step (DeepSpeed skips it inside a gradient-accumulation window)."""
+        with mpu_scope(self.mpu):
+            self.ds.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Global grad norm before clipping, of the last optimizer step (None before the first)."""
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def partition_numel(self) -> int:
+        return partition_numel(self.ds.module)
+
+    def train(self, mode: bool = True) -> "Engine":
+        self.ds.train(mode)
+        return self
+
+    def save(self, save_dir: str, tag: str, client_state: dict | None = None) -> None:
+        """``DeepSpeedEngine.save_checkpoint`` into ``save_dir/tag/`` (collective; no ``latest`` file)."""
+        with mpu_scope(self.mpu):
+            self.ds.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
+
+    def load(self, load_dir: str, tag: str, load_optimizer: bool = True) -> dict:
+        """Load weights (+ optimizer and lr schedule); returns the engine's client state."""
+        if not (Path(load_dir) / tag).is_dir():
+            raise FileNotFoundError(f"engine {self.name!r}: checkpoint directory {Path(load_dir) / tag} is missing; "
+                                    f"the checkpoint is damaged -- resume from an older one or start fresh")
+        with mpu_scope(self.mpu):
+            path, client = self.ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer,
+                                                   load_lr_scheduler_states=load_optimizer)
+        if path is None:
+            raise FileNotFoundError(f"engine {self.name!r}: no DeepSpeed checkpoint in {load_dir}/{tag}; "
+                                    f"pick another checkpoint or start without resume")
+        return client or {}
+
+
+def _construct(model: ModelOrBuilder, ds_config: dict, group=None) -> nn.Module:
+    """Build (or take) the module; a builder runs under ``zero.Init`` when the stage is 3, so a 14B model
+    is born partitioned instead of materialising on every rank."""
+    if isinstance(model, nn.Module):
+        return model
+    if ds_config["zero_optimization"].get("stage", 0) != 3:
+        return model()
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=group):
+        return model()
+
+
+def build_engine(model: ModelOrBuilder, spec: EngineSpec, ds_base: dict, *, micro_batch: int,
+                 grad_accum: int, world_size: int | None = None,
+                 lr_lambda: Callable[[int], float] | None = None) -> Engine:
+    """Wrap one trainable network in its own DeepSpeed engine on the world group.
+
+    ``model``: a module, or a zero-arg builder (built under ``zero.Init`` for ZeRO-3).
+    ``lr_lambda``: multiplier of ``spec.lr`` per optimizer step (default: ``default_lr_lambda``);
+    pass ``schedules.lr``'s function to share the trainer's schedule definitions.
+    """
+    import deepspeed
+
+    world = get_world_size()
+    if world_size is not None and world_size != world:
+        raise ValueError(f"build_engine({spec.name!r}): world_size={world_size} but the process group has {world} "
+                         f"ranks; launch with {world_size} ranks or fix the config")
+    device_type = accelerator_name()
+    cfg = train_ds_config(ds_base, micro_batch=micro_batch, grad_accum=grad_accum, world_size=world,
+                          device_type=device_type, grad_clip=spec.grad_clip, zero_stage=spec.zero_stage,
+                          zero_overrides=spec.zero_overrides)
+    fn = lr_lambda or default_lr_lambda(spec)
+    with mpu_scope(None):
+        module = _construct(model, cfg)
+        groups = param_groups(module, spec.weight_decay)
+        if not groups:
+            raise ValueError(f"build_engine({spec.name!r}): the model has no trainable parameters")
+        optimizer = None
+        if device_type == "cpu":
+            optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+        else:
+            cfg["optimizer"] = {"type": "AdamW", "params": {"lr": spec.lr, "betas": list(spec.betas),
+                                                            "eps": spec.eps, "weight_decay": spec.weight_decay}}
+        ds_engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=groups if optimizer is None else None, optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn), config=cfg)
+    return Engine(ds_engine, spec, cfg)

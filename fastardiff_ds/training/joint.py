@@ -1,0 +1,162 @@
+"""One Fast-ARDiff joint training step (DESIGN.md §3, paper Eqs. 4-9).
+
+Per step, with teacher forcing on real image tokens:
+- AR branch: L_reg = SmoothL1(draft feature, sg target feature) at the N positions that condition image tokens,
+  L_ent = -normalised attention entropy of the draft's penultimate layer (rows over those positions).
+- Head branch, L_dist: stage 1 consistency distillation of the student against one CFG-guided teacher ODE step
+  (EMA target), stage 2 DMD (fake score every step, generator every `gen_every` steps).
+- L = alpha(t) (L_reg + lambda_ent L_ent) + (1 - alpha(t)) L_dist. The draft, student (and target) are separate
+  engines, so each gets the gradient of its own term: draft <- alpha * (L_reg + lambda L_ent),
+  student <- (1 - alpha) * L_dist, and a trainable target receives dL_dist/dcond through a surrogate backward
+  (the student's engine never touches the target's parameters).
+Every engine call happens in the same order on every rank (ZeRO-3 collectives); branching depends on the step
+number only.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from ..losses.consistency import ConsistencyConfig, consistency_distillation_loss
+from ..losses.dmd import DMDConfig, dmd_fake_score_loss, dmd_generator_loss, few_step_generate
+from ..losses.entropy import entropy_loss
+from ..losses.regression import feature_regression_loss
+from ..schedules.alpha import AlphaSchedule, alpha
+from ..schedules.timesteps import time_grid
+from .networks import head_fn
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def alpha_schedule(cfg: Config) -> AlphaSchedule:
+    t = cfg.train
+    return AlphaSchedule(t.alpha_kind, t.alpha0, t.alphaT, max(t.steps, 1), t.alpha_step_at)
+
+
+def stage_of(cfg: Config, step: int) -> str:
+    return "cd" if step < cfg.train.cd_steps else "dmd"
+
+
+class JointStep:
+    """Computes the losses of one step and steps the engines. `engines`: draft, student, fake [, target];
+    `teacher`: frozen engine over a `TeacherNet`; `ema`: EMA tracker of the student with `ema_module` its copy."""
+
+    def __init__(self, cfg: Config, engines: dict, teacher, ema, ema_module, uncond_prompt):
+        self.cfg, self.engines, self.teacher = cfg, engines, teacher
+        self.ema, self.ema_head = ema, head_fn(ema_module)
+        self.uncond_ids, self.uncond_mask = uncond_prompt  # (1, P) ids / mask of the empty prompt
+        self.alpha = alpha_schedule(cfg)
+        self.draft_layer = cfg.model.draft.entropy_layer % cfg.model.draft.num_layers
+        t = cfg.train
+        self.cd = ConsistencyConfig(delta=t.cd_delta, t_max=1.0 - t.cd_delta, guidance_min=t.guidance_min,
+                                    guidance_max=t.guidance_max)
+        self.dmd = DMDConfig()
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    def teacher_velocity(self, cond_c, cond_u):
+        """(x, t, w) -> CFG-guided teacher velocity v_u + w (v_c - v_u), both branches in one head call."""
+        def fn(x, t, w):
+            v = self.teacher("velocity", torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond_c, cond_u]))
+            v_c, v_u = v.chunk(2)
+            return v_u + w.to(v.dtype)[:, None] * (v_c - v_u)
+        return fn
+
+    def _check(self, name: str, value: torch.Tensor, step: int) -> bool:
+        """All ranks agree on whether a loss is finite (a rank-local decision would desynchronise ZeRO-3)."""
+        bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad)
+        if bad.item() == 0:
+            return True
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"loss '{name}' is not finite at step {step}: stopping (train.on_nonfinite=stop). "
+                                "The last checkpoint is intact; lower the learning rates or set "
+                                "train.on_nonfinite=skip to skip such steps")
+        return False
+
+    # -- the step -------------------------------------------------------------------------------------------------
+    def __call__(self, ids, mask, tokens, step: int, gen: torch.Generator) -> dict:
+        """ids/mask: (B,P) prompts (text dropout applied); tokens: (B,N,D) clean image tokens."""
+        cfg, e, B = self.cfg, self.engines, ids.shape[0]
+        a = self.alpha(step)
+        uids = self.uncond_ids.expand(B, -1).to(ids.device)
+        umask = self.uncond_mask.expand(B, -1).to(ids.device)
+        cond_t, hid_t = self.teacher("features", ids, mask, tokens)
+        cond_u, _ = self.teacher("features", uids, umask, tokens)
+        if "target" in e:
+            out = e["target"]("forward_train", ids, mask, tokens)
+            cond_s, hid_target = out.cond, out.hidden
+        else:
+            cond_s, hid_target = cond_t, hid_t
+        metrics = {"alpha": a, "stage": 0.0 if stage_of(cfg, step) == "cd" else 1.0}
+        metrics.update(self.ar_branch(ids, mask, tokens, hid_target, a, step))
+        C, D = cond_s.shape[-1], tokens.shape[-1]
+        cond_in = cond_s.detach().reshape(-1, C).requires_grad_("target" in e)
+        guided = self.teacher_velocity(cond_t.reshape(-1, C), cond_u.reshape(-1, C))
+        if stage_of(cfg, step) == "cd":
+            metrics.update(self.cd_branch(tokens.reshape(-1, D), cond_in, guided, a, step, gen))
+        else:
+            metrics.update(self.dmd_branch(cond_in, guided, a, step, gen, (B, tokens.shape[1], D)))
+        if "target" in e and cond_in.grad is not None:  # surrogate: d(sum cond * g)/dtheta = dL_dist/dtheta
+            e["target"].backward((cond_s.reshape(-1, C) * cond_in.grad).sum() * cfg.train.grad_accum)
+            e["target"].step()
+        return metrics
+
+    def ar_branch(self, ids, mask, tokens, hid_target, a, step) -> dict:
+        out = self.engines["draft"]("forward_train", ids, mask, tokens, explicit_layer=self.draft_layer)
+        l_reg, m_reg = feature_regression_loss(out.hidden, hid_target)
+        l_ent, m_ent, ents = entropy_loss(out.attn_probs, out.attn_valid)
+        loss = l_reg + self.cfg.train.lambda_ent * l_ent
+        if self._check("L_reg + L_ent", loss, step):
+            self.engines["draft"].backward(a * loss)
+            self.engines["draft"].step()
+        return {**m_reg, **m_ent, "loss/ar": float(loss.detach()), "_draft_entropy": ents}
+
+    def cd_branch(self, tokens, cond_in, guided, a, step, gen) -> dict:
+        student = self.engines["student"]
+        l_cd, m = consistency_distillation_loss(head_fn(student), self.ema_head, guided, tokens, cond_in, gen,
+                                                config=self.cd)
+        if self._check("L_cd", l_cd, step):
+            student.backward((1.0 - a) * l_cd)
+            student.step()
+            self.ema.update(self.cfg.train.ema_decay)
+        return {**m, "loss/dist": float(l_cd.detach())}
+
+    def dmd_branch(self, cond_in, guided, a, step, gen, shape) -> dict:
+        t = self.cfg.train
+        B, N, D = shape
+        student, fake = self.engines["student"], self.engines["fake"]
+        w = torch.full((B * N,), float(t.dmd_guidance))
+        grid = time_grid(t.student_steps)[:-1]
+        gen_step = (step - t.cd_steps) % t.gen_every == 0
+        noise = torch.randn(B * N, D, generator=gen).to(cond_in.device)
+        with torch.set_grad_enabled(gen_step):
+            x, _ = few_step_generate(head_fn(student), cond_in, noise, grid, gen, guidance=w)
+        metrics = {}
+        if gen_step:  # generator update against the current fake score (DMD2 order)
+            real = lambda xx, tt: guided(xx, tt, w)  # noqa: E731
+            fake_v = lambda xx, tt: head_fn(fake)(xx, tt, cond_in.detach())  # noqa: E731
+            l_g, m = dmd_generator_loss(x.reshape(B, N, D), real, fake_v, gen, config=self.dmd)
+            if self._check("L_dmd", l_g, step):
+                student.backward((1.0 - a) * l_g)
+                student.step()
+            metrics.update(m)
+            metrics["loss/dist"] = float(l_g.detach())
+        l_f, m_f = dmd_fake_score_loss(head_fn(fake), x.detach(), cond_in.detach(), gen, config=self.dmd)
+        if self._check("L_fake", l_f, step):
+            fake.backward(l_f)
+            fake.step()
+        metrics.update(m_f)
+        return metrics
+
+
+def stage_lr_lambda(cfg: Config):
+    """Student lr multiplier: lr_student_cd during stage 1, lr_student_dmd after (paper S2.3)."""
+    ratio = cfg.train.lr_student_dmd / cfg.train.lr_student_cd
+    cd = cfg.train.cd_steps
+
+    def fn(step: int) -> float:
+        return 1.0 if step < cd else ratio
+    return fn

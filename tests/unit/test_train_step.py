@@ -1,0 +1,112 @@
+"""The joint step on one process (plain modules behind a minimal engine interface): stage routing, alpha
+weighting, NaN handling, and that each loss reaches only its own network."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fastardiff_ds.training.joint import JointStep, NonFiniteLoss, stage_of
+from fastardiff_ds.training.networks import Dispatch, TeacherNet, init_networks
+
+
+class LocalEngine:
+    """The subset of engines.Engine the step uses: call, backward, step -- on a plain module with SGD."""
+
+    def __init__(self, module, lr=1e-2):
+        self.module, self.opt, self.steps = module, torch.optim.SGD(module.parameters(), lr=lr), 0
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss):
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self):
+        self.opt.step()
+        self.steps += 1
+
+
+class Frozen:
+    def __init__(self, module):
+        self.module = module
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+class NoEMA:
+    def update(self, decay):
+        pass
+
+
+def _setup(tiny_cfg, target_ar=False):
+    from fastardiff_ds.models import build_head, build_target, nextstep_state
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.train.target_ar, cfg.train.steps, cfg.train.cd_steps, cfg.train.gen_every = target_ar, 6, 3, 2
+    cfg.train.student_steps = 2
+    torch.manual_seed(0)
+    target, head = build_target(cfg), build_head(cfg)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    nets = init_networks(cfg, nextstep_state(target, head))
+    teacher = Frozen(Dispatch(TeacherNet(target, head)).eval())
+    engines = {k: LocalEngine(v) for k, v in nets.items()}
+    ema = copy.deepcopy(nets["student"]).requires_grad_(False)
+    uncond = (torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
+    return cfg, JointStep(cfg, engines, teacher, NoEMA(), ema, uncond), engines, teacher
+
+
+def _batch(cfg, B=2):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 300, (B, 6), generator=g)
+    tokens = torch.randn(B, cfg.model.image.num_tokens, cfg.model.image.token_dim, generator=g).clamp(-1, 1)
+    return ids, torch.ones_like(ids), tokens
+
+
+def test_stage_routing_and_engine_steps(tiny_cfg):
+    cfg, step_fn, engines, _ = _setup(tiny_cfg)
+    ids, mask, tokens = _batch(cfg)
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    for step in range(6):
+        m = step_fn(ids, mask, tokens, step, gen)
+        seen.append((stage_of(cfg, step), "cd/loss" in m, "dmd/loss" in m, "fake/loss" in m))
+        assert m["alpha"] == pytest.approx(0.95 - 0.9 * step / 6)
+    assert seen[:3] == [("cd", True, False, False)] * 3
+    assert [s[2] for s in seen[3:]] == [True, False, True]  # generator every gen_every=2 DMD steps
+    assert all(s[3] for s in seen[3:])  # fake score every DMD step
+    assert engines["draft"].steps == 6 and engines["fake"].steps == 3 and engines["student"].steps == 3 + 2
+
+
+def test_losses_reach_only_their_network(tiny_cfg):
+    cfg, step_fn, engines, teacher = _setup(tiny_cfg, target_ar=True)
+    before = {k: copy.deepcopy(e.module.state_dict()) for k, e in engines.items()}
+    t_before = copy.deepcopy(teacher.module.state_dict())
+    ids, mask, tokens = _batch(cfg)
+    step_fn(ids, mask, tokens, 0, torch.Generator().manual_seed(0))  # a CD step
+    changed = {k: any(not torch.equal(v, engines[k].module.state_dict()[n]) for n, v in s.items())
+               for k, s in before.items()}
+    assert changed == {"draft": True, "student": True, "fake": False, "target": True}
+    assert all(torch.equal(v, teacher.module.state_dict()[n]) for n, v in t_before.items())
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss_stops_or_skips_with_a_named_loss(tiny_cfg, policy):
+    cfg, step_fn, engines, teacher = _setup(tiny_cfg)
+    cfg.train.on_nonfinite = policy
+    with torch.no_grad():
+        teacher.module.inner.ar.norm.weight.fill_(float("nan"))  # NaN target features -> NaN L_reg
+    ids, mask, tokens = _batch(cfg)
+    draft_before = copy.deepcopy(engines["draft"].module.state_dict())
+    if policy == "stop":
+        with pytest.raises(NonFiniteLoss, match="L_reg"):
+            step_fn(ids, mask, tokens, 0, torch.Generator().manual_seed(0))
+    else:
+        step_fn(ids, mask, tokens, 0, torch.Generator().manual_seed(0))
+        assert engines["draft"].steps == 0
+        assert all(torch.equal(v, engines["draft"].module.state_dict()[n]) for n, v in draft_before.items())
