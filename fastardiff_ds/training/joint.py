@@ -132,8 +132,11 @@ class JointStep:
         grid = time_grid(t.student_steps)[:-1]
         gen_step = (step - t.cd_steps) % t.gen_every == 0
         noise = torch.randn(B * N, D, generator=gen).to(cond_in.device)
+        # The trained step k must be the same on every rank: it sets how many times the student (a ZeRO-3
+        # engine, whose forwards are collective) runs, so it comes from the step number, not the rank's RNG.
+        k = int(torch.randint(t.student_steps, (1,), generator=torch.Generator().manual_seed(self.cfg.seed + step)))
         with torch.set_grad_enabled(gen_step):
-            x, _ = few_step_generate(head_fn(student), cond_in, noise, grid, gen, guidance=w)
+            x, _ = few_step_generate(head_fn(student), cond_in, noise, grid, gen, guidance=w, step_index=k)
         metrics = {}
         if gen_step:  # generator update against the current fake score (DMD2 order)
             real = lambda xx, tt: guided(xx, tt, w)  # noqa: E731
