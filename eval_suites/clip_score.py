@@ -103,9 +103,9 @@ def _histogram(path, scores: list[float], title: str) -> None:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "generate":
-        from eval_suites.generation import pipeline_generator, write_generation_folder
-        return write_generation_folder(read_prompts(args.prompts), args.outdir,
-                                       pipeline_generator(args.ckpt, args.preset, args.mode),
+        from eval_suites.generation import pipeline_generator, select_prompts, write_generation_folder
+        return write_generation_folder(select_prompts(read_prompts(args.prompts), args.limit), args.outdir,
+                                       pipeline_generator(args.ckpt, args.preset, args.mode, args.set, args.threads),
                                        n_per_prompt=args.n_per_prompt, seed=args.seed)
     result, rows = score(args)
     out = write_json(args.out, result)

@@ -47,14 +47,20 @@ def write_generation_folder(metadata: list[dict], out_dir: str | os.PathLike, ge
     return out_dir
 
 
-def pipeline_generator(ckpt: str, preset: str, mode: str) -> GenerateFn:
-    """Wrap `fastardiff_ds.inference.load_pipeline(ckpt, preset, mode)` as a `(prompt, n, seed)` callable."""
+def pipeline_generator(ckpt: str, preset: str | None, mode: str, overrides: list[str] | None = None,
+                       threads: int = 0) -> GenerateFn:
+    """Wrap `fastardiff_ds.inference.load_pipeline(ckpt, preset, mode)` as a `(prompt, n, seed)` callable;
+    `overrides` are dotted config overrides such as `inference.num_steps=25`."""
     try:
         from fastardiff_ds.inference import load_pipeline  # lazy: scoring never imports model code
     except ImportError as err:
         raise ImportError("the generate path needs fastardiff_ds.inference.load_pipeline, which failed to "
                           f"import ({err}); score an existing folder with the `score` command instead") from err
-    pipeline = load_pipeline(ckpt, preset, mode)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    pipeline = load_pipeline(ckpt, preset, mode, overrides)
 
     def generate(prompt: str, n: int, seed: int) -> list:
         return pipeline.generate([prompt] * n, [seed + j for j in range(n)])
@@ -65,9 +71,24 @@ def pipeline_generator(ckpt: str, preset: str, mode: str) -> GenerateFn:
 def add_generate_args(parser: argparse.ArgumentParser, n_default: int) -> None:
     """The flags every suite's `generate` command shares."""
     parser.add_argument("--ckpt", required=True, help="checkpoint directory for load_pipeline")
-    parser.add_argument("--preset", required=True, help="model preset name (tiny, small, nextstep-1-large)")
+    parser.add_argument("--preset", default=None, help="model preset, only for checkpoints without config.json "
+                        "(a NextStep-1 folder: nextstep-1-large)")
     parser.add_argument("--mode", default="fastardiff", choices=["baseline", "sd", "dmd", "fastardiff"],
                         help="inference mode")
     parser.add_argument("--outdir", required=True, help="folder to write <idx:05d>/samples/*.png into")
     parser.add_argument("--n-per-prompt", type=int, default=n_default, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0, help="run seed (per-prompt seeds derive from it)")
+    parser.add_argument("--limit", type=int, default=None, help="only N prompts, spread evenly over the list "
+                        "(keeps the task mix; for quick CPU runs)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for generation (0 = torch "
+                        "default; 1 is fastest for the tiny presets)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="inference config override, e.g. --set inference.num_steps=25 (repeatable)")
+
+
+def select_prompts(metadata: list[dict], limit: int | None) -> list[dict]:
+    """An evenly spread subset of `limit` prompts (all when None)."""
+    if not limit or limit >= len(metadata):
+        return metadata
+    step = len(metadata) / limit
+    return [metadata[int(i * step)] for i in range(limit)]

@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "generate":
-        from eval_suites.generation import pipeline_generator, write_generation_folder
-        return write_generation_folder(load_metadata(args.metadata), args.outdir,
-                                       pipeline_generator(args.ckpt, args.preset, args.mode),
+        from eval_suites.generation import pipeline_generator, select_prompts, write_generation_folder
+        return write_generation_folder(select_prompts(load_metadata(args.metadata), args.limit), args.outdir,
+                                       pipeline_generator(args.ckpt, args.preset, args.mode, args.set, args.threads),
                                        n_per_prompt=args.n_per_prompt, seed=args.seed)
     args.options = _parse_options(args.options)
     summary, rows = score(args)

@@ -112,7 +112,7 @@ def score(args) -> dict:
 
 
 def generate(args) -> None:
-    from eval_suites.generation import pipeline_generator, write_generation_folder
+    from eval_suites.generation import pipeline_generator, select_prompts, write_generation_folder
     meta = read_mjhq_meta(args.meta)
     rows, seen = [], defaultdict(int)
     for image_id, entry in sorted(meta.items()):
@@ -120,7 +120,7 @@ def generate(args) -> None:
             continue
         seen[entry["category"]] += 1
         rows.append({"prompt": entry["prompt"], "category": entry["category"], "image_id": image_id})
-    write_generation_folder(rows, args.outdir, pipeline_generator(args.ckpt, args.preset, args.mode),
+    write_generation_folder(select_prompts(rows, args.limit), args.outdir, pipeline_generator(args.ckpt, args.preset, args.mode, args.set, args.threads),
                             n_per_prompt=args.n_per_prompt, seed=args.seed)
 
 

@@ -1,0 +1,139 @@
+"""Side-by-side inference benchmark: the four modes on the same prompts and seeds in one process.
+
+Latency is wall-clock per image (warm-up excluded); ratios are what to read, not absolute CPU times. Time in the
+AR vs the head is measured with forward hooks. Per-token FLOPs (AR vs head, with two-pass CFG) are computed from
+the architecture so a CPU run can be related to `nextstep-1-large`, where the split is what sets the speedup.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import Config, get_preset
+from .models import DraftAR, build_head, build_target, count_params
+
+
+def _nonembed(module: torch.nn.Module) -> int:
+    return count_params(module) - sum(p.numel() for n, p in module.named_parameters() if "embed_tokens" in n)
+
+
+def flops_per_token(cfg: Config, head_steps: int | None = None, cfg_mult: int = 2) -> dict:
+    """Baseline per-token FLOPs: AR decode 2*params (+ attention over the average context) and K head evals of
+    2*params, both x `cfg_mult` rows for two-pass CFG. Built on the meta device (free for 14B)."""
+    with torch.device("meta"):
+        ar, head = build_target(cfg), build_head(cfg)
+    K = head_steps or cfg.inference.num_steps
+    ctx = cfg.model.text.max_length // 2 + cfg.model.image.num_tokens // 2  # average keys attended per token
+    ar_f = cfg_mult * (2 * _nonembed(ar) + 4 * cfg.model.ar.num_layers * ctx * cfg.model.ar.hidden_size)
+    head_f = cfg_mult * K * 2 * count_params(head)
+    return {"ar_gflop": ar_f / 1e9, "head_gflop": head_f / 1e9, "ar_share": ar_f / (ar_f + head_f),
+            "head_steps": K, "ar_params": count_params(ar), "head_params": count_params(head)}
+
+
+class SectionTimer:
+    """Wall time spent inside the forwards of registered modules (outermost call only)."""
+
+    def __init__(self):
+        self.seconds, self._depth, self._t0, self._handles = {}, {}, {}, []
+
+    def watch(self, name: str, module: torch.nn.Module) -> None:
+        self.seconds.setdefault(name, 0.0)
+        self._depth.setdefault(name, 0)
+
+        def pre(*_):
+            if self._depth[name] == 0:
+                self._sync()
+                self._t0[name] = time.perf_counter()
+            self._depth[name] += 1
+
+        def post(*_):
+            self._depth[name] -= 1
+            if self._depth[name] == 0:
+                self._sync()
+                self.seconds[name] += time.perf_counter() - self._t0[name]
+
+        self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def reset(self):
+        self.seconds = {k: 0.0 for k in self.seconds}
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+@dataclass
+class ModeResult:
+    latencies: list[float] = field(default_factory=list)  # seconds per image, per batch
+    stats: dict = field(default_factory=dict)
+    ar_seconds: float = 0.0
+    head_seconds: float = 0.0
+
+
+def sum_stats(stats_list) -> dict:
+    """Add up DecodeStats of several batches (counters summed, rates recomputed)."""
+    out, lengths = {}, []
+    for s in stats_list:
+        d = s.as_dict()
+        lengths += s.accepted_lengths
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.setdefault(k, {})
+                for kk, vv in v.items():
+                    out[k][kk] = out[k].get(kk, 0) + vv
+            elif k not in ("acceptance_rate", "early_stop_rate", "mean_accepted_length"):
+                out[k] = out.get(k, 0) + v
+    out["acceptance_rate"] = out["accepted"] / out["drafted"] if out.get("drafted") else 0.0
+    out["early_stop_rate"] = out["early_stops"] / out["draft_sessions"] if out.get("draft_sessions") else 0.0
+    out["mean_accepted_length"] = (sum(lengths) + len(lengths)) / len(lengths) if lengths else 1.0
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))]
+
+
+def summarize(results: dict[str, ModeResult], images: int) -> dict:
+    """Per-mode JSON: latency median/p90, speedup vs baseline, counts per image, time shares, count bounds."""
+    base = results.get("baseline")
+    out = {}
+    for mode, r in results.items():
+        med = statistics.median(r.latencies)
+        s = r.stats
+        per_img = lambda x: x / images  # noqa: E731
+        row = {"latency_s_per_image_median": med, "latency_s_per_image_p90": percentile(r.latencies, 0.9),
+               "target_forwards_per_image": per_img(s["target_forwards"]),
+               "draft_forwards_per_image": per_img(s["draft_forwards"]),
+               "head_evals_per_image": per_img(s["target_head"]["rows"] + s["draft_head"]["rows"]),
+               "head_calls_per_image": per_img(s["target_head"]["calls"] + s["draft_head"]["calls"]),
+               "mean_accepted_length": s["mean_accepted_length"], "acceptance_rate": s["acceptance_rate"],
+               "early_stop_rate": s["early_stop_rate"], "resample_fallbacks": s["fallbacks"],
+               "time_share_ar": r.ar_seconds / max(r.ar_seconds + r.head_seconds, 1e-12),
+               "time_share_head": r.head_seconds / max(r.ar_seconds + r.head_seconds, 1e-12)}
+        if base is not None:
+            b = out["baseline"] if mode != "baseline" else row
+            row["speedup_vs_baseline"] = statistics.median(base.latencies) / med
+            fwd = b["target_forwards_per_image"] / max(row["target_forwards_per_image"], 1e-9)
+            heads = b["head_evals_per_image"] / max(row["head_evals_per_image"], 1e-9)
+            share = b["time_share_ar"]
+            # Amdahl over the baseline's AR/head split: the best speedup these counts allow (draft cost ignored)
+            row["count_implied_speedup_upper_bound"] = 1.0 / (share / fwd + (1 - share) / heads)
+        out[mode] = row
+    return out
+
+
+def large_preset_split() -> dict:
+    return flops_per_token(get_preset("nextstep-1-large"))
+
+
+__all__ = ["DraftAR", "ModeResult", "SectionTimer", "flops_per_token", "large_preset_split", "sum_stats",
+           "summarize"]

@@ -1,0 +1,85 @@
+"""Side-by-side inference benchmark: baseline | sd | dmd | fastardiff on the same prompts and seeds.
+
+    python launcher/bench_inference.py --ckpt runs/default/export --num-prompts 16 --batch-size 1 --json bench.json
+    python launcher/bench_inference.py --preset tiny-bench --ckpt runs/bench/export --num-prompts 16 --json b.json
+
+Prints and writes JSON: per mode latency per image (median, p90), speedup vs baseline, target/draft forward counts,
+mean accepted length, acceptance rate, early-stop rate, head evaluations, share of time in AR vs head, the upper
+bound on speedup the counts imply; plus the per-token AR:head FLOP split of this preset next to nextstep-1-large's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fastardiff_ds.benchmark import ModeResult, SectionTimer, flops_per_token, large_preset_split, sum_stats, summarize
+from fastardiff_ds.data.shapes import eval_prompts
+from fastardiff_ds.inference import MODES, Pipeline, load_pipeline
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="inference checkpoint (export of launcher/train_t2i.py)")
+    p.add_argument("--preset", default=None, help="only for checkpoints without config.json")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--prompts-file", default=None, help="one prompt per line (default: held-out shapes prompts)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the tiny matmuls do not split)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inference.gamma=6 inference.noise_level=1.5")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    prompts = ([l.strip() for l in Path(a.prompts_file).read_text().splitlines() if l.strip()] if a.prompts_file
+               else [m["prompt"] for m in eval_prompts(seed=a.seed)])
+    prompts = (prompts * (a.num_prompts // max(len(prompts), 1) + 1))[: a.num_prompts]
+    seeds = [a.seed + i for i in range(len(prompts))]
+    base = load_pipeline(a.ckpt, a.preset, "baseline", [*a.overrides, f"inference.batch_size={a.batch_size}"])
+    bundle = base.bundle
+    timer = SectionTimer()
+    for name, m in (("ar", bundle.target), ("ar", bundle.draft), ("head", bundle.head), ("head", bundle.student)):
+        if m is not None:
+            timer.watch(name, m)
+    results, skipped = {}, {}
+    for mode in a.modes:
+        try:
+            pipe = base if mode == "baseline" else Pipeline(bundle, mode, base.device)
+        except ValueError as e:  # e.g. no draft / student in the checkpoint
+            skipped[mode] = str(e)
+            continue
+        pipe.generate(prompts[: a.batch_size], seeds[: a.batch_size])  # warm-up, excluded
+        pipe.stats.clear()
+        timer.reset()
+        r = ModeResult()
+        for i in range(0, len(prompts), a.batch_size):
+            t0 = time.perf_counter()
+            images = pipe.generate(prompts[i:i + a.batch_size], seeds[i:i + a.batch_size])
+            r.latencies.append((time.perf_counter() - t0) / len(images))
+        r.stats, r.ar_seconds, r.head_seconds = sum_stats(pipe.stats), timer.seconds["ar"], timer.seconds["head"]
+        results[mode] = r
+        print(f"{mode}: {statistics_line(r)}", flush=True)
+    cfg = bundle.cfg
+    out = {"ckpt": a.ckpt, "preset": cfg.preset, "device": str(base.device), "threads": a.threads,
+           "num_prompts": len(prompts), "batch_size": a.batch_size, "inference": vars(cfg.inference),
+           "tau": bundle.meta.get("tau"), "modes": summarize(results, len(prompts)), "skipped": skipped,
+           "flops_per_token": {cfg.preset: flops_per_token(cfg), "nextstep-1-large": large_preset_split()}}
+    text = json.dumps(out, indent=2, default=str)
+    print(text)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(text + "\n")
+
+
+def statistics_line(r: ModeResult) -> str:
+    import statistics
+
+    return f"{statistics.median(r.latencies):.3f} s/image over {len(r.latencies)} batches"
+
+
+if __name__ == "__main__":
+    main()
