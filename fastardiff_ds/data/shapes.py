@@ -75,28 +75,13 @@ def _size_range(resolution: int, n_objects: int) -> tuple[int, int]:
 
 
 def relations(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
-    """Relations of box_a relative to box_b by GenEval's rule (evaluate_images.relative_position).
+    """Relations of box_a relative to box_b by GenEval's rule; boxes are [x0, y0, x1, y1] in image coordinates.
 
-    Boxes are [x0, y0, x1, y1]; image coordinates (y grows downwards, so "above" is dy < 0).
+    One implementation serves both sides: the generator must place objects exactly as the scorer will judge them.
     """
-    a = np.asarray(box_a, dtype=np.float64).reshape(2, 2)
-    b = np.asarray(box_b, dtype=np.float64).reshape(2, 2)
-    offset = a.mean(0) - b.mean(0)
-    dims = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])
-    revised = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rel = set()
-    if dx < -0.5:
-        rel.add("left of")
-    if dx > 0.5:
-        rel.add("right of")
-    if dy < -0.5:
-        rel.add("above")
-    if dy > 0.5:
-        rel.add("below")
-    return rel
+    from eval_suites.geneval_rules import relative_position
+
+    return relative_position(box_a, box_b, threshold)
 
 
 def _place(rng: np.random.Generator, resolution: int, n: int, tries: int = 200) -> list[list[int]]:
