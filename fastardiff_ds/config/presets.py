@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable
 
+from ..data.config import DataConfig
 from .schema import ARConfig, Config, DraftConfig, HeadConfig, ImageConfig, ModelConfig, TextConfig
 
 
@@ -22,7 +23,10 @@ def small() -> Config:
         text=TextConfig(tokenizer="hf", path="weights/tokenizer", max_length=128, add_special_tokens=True),
         draft=DraftConfig(num_layers=4),
     )
-    return Config(preset="small", model=model)
+    cfg = Config(preset="small", model=model)
+    cfg.data = DataConfig(shards="", resolution=256, batch_size=8, max_text_len=160, drop_text_prob=0.1)
+    cfg.train.teacher = "weights/small_teacher"
+    return cfg
 
 
 def nextstep_1_large() -> Config:
@@ -37,7 +41,11 @@ def nextstep_1_large() -> Config:
         draft=DraftConfig(num_layers=6),
         dtype="bfloat16",
     )
-    return Config(preset="nextstep-1-large", model=model)
+    cfg = Config(preset="nextstep-1-large", model=model)
+    cfg.data = DataConfig(shards="", resolution=256, batch_size=4, max_text_len=288, drop_text_prob=0.1)
+    cfg.train.teacher = "weights/NextStep-1-Large"
+    cfg.inference.cfg_scale = 7.5  # NextStep-1's default
+    return cfg
 
 
 def tiny_bench() -> Config:
@@ -46,6 +54,7 @@ def tiny_bench() -> Config:
     cfg = Config(preset="tiny-bench")
     cfg.model.ar = ARConfig(hidden_size=384, num_layers=4, num_heads=6, num_kv_heads=2, intermediate_size=1408)
     cfg.model.head = HeadConfig(width=64, depth=2)
+    cfg.train.teacher = "runs/bench_teacher/checkpoint"  # python launcher/pretrain_t2i.py --preset tiny-bench
     return cfg
 
 

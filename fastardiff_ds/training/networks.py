@@ -63,8 +63,15 @@ def build_teacher_net(cfg: Config) -> Dispatch:
 
 def load_teacher_state(cfg: Config) -> dict[str, torch.Tensor]:
     """The teacher checkpoint as a flat NextStep-layout state dict (validated against the preset)."""
-    from ..models import from_pretrained, nextstep_state
+    from pathlib import Path
 
+    from ..models import from_pretrained, nextstep_state, resolve_asset
+
+    cfg.train.teacher = resolve_asset(cfg.train.teacher)
+    if not Path(cfg.train.teacher).exists():
+        raise FileNotFoundError(f"teacher checkpoint '{cfg.train.teacher}' not found: set train.teacher to a "
+                                "local NextStep-1 folder or a checkpoint written by launcher/pretrain_t2i.py "
+                                "(the tiny preset ships assets/tiny_teacher)")
     target, head = from_pretrained(cfg.train.teacher, cfg)
     return nextstep_state(target, head)
 
