@@ -23,10 +23,9 @@ def ensure_shapes_data(cfg: Config, num_samples: int = DEFAULT_SHAPES_SAMPLES) -
     print(json.dumps(summary))
 
 
-SAMPLE_PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a photo of two green triangles",
-                  "a photo of a yellow diamond left of a purple circle", "a photo of three orange squares",
-                  "a photo of a white triangle and a blue circle", "a photo of a red square above a green circle",
-                  "a photo of four blue circles"]
+SAMPLE_PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a photo of a green triangle",
+                  "a photo of a yellow diamond", "a photo of three circles", "a photo of two squares",
+                  "a photo of a circle above a diamond", "a photo of a red triangle and a yellow square"]
 
 
 def sample_grid_callback(cfg: Config, trainer, text, image, logger, prompts=SAMPLE_PROMPTS):

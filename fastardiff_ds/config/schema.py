@@ -124,7 +124,7 @@ class InferenceConfig:
     num_steps: int = 50  # teacher head steps per token (NextStep-1: 50)
     noise_level: float = 1.0  # SDE eta; speculative acceptance rises with it (DESIGN.md §4)
     time_shift: float = 1.0
-    cfg_scale: float = 3.0
+    cfg_scale: float = 5.0
     cfg_schedule: str = "constant"  # constant | linear
     student_steps: int = 2  # few-step student head (dmd / fastardiff modes)
     student_final_std: float = 0.02  # > 0 so the student chain has a density (exact verification)
@@ -161,8 +161,8 @@ class TrainConfig:
     ema_decay: float = 0.95  # CD target network (LCM)
     cd_delta: float = 0.02
     guidance_min: float = 1.0  # CFG scales sampled in CD and fed to the student's guidance embedding
-    guidance_max: float = 5.0
-    dmd_guidance: float = 3.0  # teacher CFG of the real score in DMD; the student's fixed embedding there
+    guidance_max: float = 6.0
+    dmd_guidance: float = 5.0  # teacher CFG of the real score in DMD; the student's fixed embedding there
     student_steps: int = 2  # few-step grid the DMD generator is trained on
     grad_accum: int = 1
     teacher_group_size: int = 0  # ranks the frozen teacher is partitioned over (0 = ranks of one node)
