@@ -131,9 +131,23 @@ def summarize(results: dict[str, ModeResult], images: int) -> dict:
     return out
 
 
+def parse_variant(text: str, modes: tuple[str, ...]) -> tuple[str, str, list[str]]:
+    """'LABEL=MODE[:key=value,key=value]' -> (label, mode, dotted overrides), e.g.
+    'fastardiff-cspd=fastardiff:inference.accept=cspd,inference.cspd_inner_temperature=42'."""
+    label, sep, rest = text.partition("=")
+    mode, _, over = rest.partition(":")
+    if not sep or not label or mode not in modes:
+        raise ValueError(f"--variant {text!r}: write LABEL=MODE[:key=value,...] with MODE one of {', '.join(modes)}")
+    overrides = [o for o in over.split(",") if o]
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"--variant {text!r}: override(s) {bad} are not key=value")
+    return label, mode, overrides
+
+
 def large_preset_split() -> dict:
     return flops_per_token(get_preset("nextstep-1-large"))
 
 
-__all__ = ["DraftAR", "ModeResult", "SectionTimer", "flops_per_token", "large_preset_split", "sum_stats",
-           "summarize"]
+__all__ = ["DraftAR", "ModeResult", "SectionTimer", "flops_per_token", "large_preset_split", "parse_variant",
+           "sum_stats", "summarize"]

@@ -72,7 +72,9 @@ class Pipeline:
         tau = self.inf.tau if self.inf.tau is not None else self.bundle.meta.get("tau")
         if self.mode == "sd" or tau is None:
             tau = float("-inf")  # sd: no early stop
-        spec = SpecConfig(self.inf.gamma, float(tau), self.inf.accept, max_resample_tries=self.inf.max_resample_tries)
+        inf = self.inf
+        spec = SpecConfig(inf.gamma, float(tau), inf.accept, inf.relax_temperature, inf.cspd_inner_temperature,
+                          inf.max_resample_tries)
         return speculative_generate(flow, draft_flow, ids, mask, n, gens, spec, progress=self.progress)
 
     @torch.no_grad()

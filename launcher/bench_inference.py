@@ -2,6 +2,8 @@
 
     python launcher/bench_inference.py --ckpt runs/default/export --num-prompts 16 --batch-size 1 --json bench.json
     python launcher/bench_inference.py --preset tiny-bench --ckpt runs/bench/export --num-prompts 16 --json b.json
+    python launcher/bench_inference.py --ckpt runs/bench/export --modes baseline dmd fastardiff \
+        --variant fastardiff-cspd=fastardiff:inference.accept=cspd   # extra rows: a mode with its own overrides
 
 Prints and writes JSON: per mode latency per image (median, p90), speedup vs baseline, target/draft forward counts,
 mean accepted length, acceptance rate, early-stop rate, head evaluations, share of time in AR vs head, the upper
@@ -16,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-from fastardiff_ds.benchmark import ModeResult, SectionTimer, flops_per_token, large_preset_split, sum_stats, summarize
+import copy
+import dataclasses
+
+from fastardiff_ds.benchmark import (ModeResult, SectionTimer, flops_per_token, large_preset_split, parse_variant,
+                                     sum_stats, summarize)
+from fastardiff_ds.config import apply_overrides
 from fastardiff_ds.data.shapes import eval_prompts
 from fastardiff_ds.inference import MODES, Pipeline, load_pipeline
 
@@ -28,12 +35,16 @@ def main(argv=None):
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=MODE[:key=value,...]",
+                   help="an extra row: MODE with its own inference overrides (repeatable), e.g. "
+                        "fastardiff-cspd=fastardiff:inference.accept=cspd")
     p.add_argument("--prompts-file", default=None, help="one prompt per line (default: held-out shapes prompts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the tiny matmuls do not split)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inference.gamma=6 inference.noise_level=1.5")
     a = p.parse_args(argv)
+    rows = [(m, m, []) for m in a.modes] + [parse_variant(v, MODES) for v in a.variant]
     torch.set_num_threads(a.threads)
     prompts = ([l.strip() for l in Path(a.prompts_file).read_text().splitlines() if l.strip()] if a.prompts_file
                else [m["prompt"] for m in eval_prompts(seed=a.seed)])
@@ -46,11 +57,11 @@ def main(argv=None):
         if m is not None:
             timer.watch(name, m)
     results, skipped = {}, {}
-    for mode in a.modes:
+    for label, mode, overrides in rows:
         try:
-            pipe = base if mode == "baseline" else Pipeline(bundle, mode, base.device)
+            pipe = base if label == "baseline" else Pipeline(_with_overrides(bundle, overrides), mode, base.device)
         except ValueError as e:  # e.g. no draft / student in the checkpoint
-            skipped[mode] = str(e)
+            skipped[label] = str(e)
             continue
         pipe.generate(prompts[: a.batch_size], seeds[: a.batch_size])  # warm-up, excluded
         pipe.stats.clear()
@@ -61,18 +72,28 @@ def main(argv=None):
             images = pipe.generate(prompts[i:i + a.batch_size], seeds[i:i + a.batch_size])
             r.latencies.append((time.perf_counter() - t0) / len(images))
         r.stats, r.ar_seconds, r.head_seconds = sum_stats(pipe.stats), timer.seconds["ar"], timer.seconds["head"]
-        results[mode] = r
-        print(f"{mode}: {statistics_line(r)}", flush=True)
+        results[label] = r
+        print(f"{label}: {statistics_line(r)}", flush=True)
     cfg = bundle.cfg
     out = {"ckpt": a.ckpt, "preset": cfg.preset, "device": str(base.device), "threads": a.threads,
            "num_prompts": len(prompts), "batch_size": a.batch_size, "inference": vars(cfg.inference),
-           "tau": bundle.meta.get("tau"), "modes": summarize(results, len(prompts)), "skipped": skipped,
+           "tau": bundle.meta.get("tau"), "variants": {lb: {"mode": m, "overrides": o} for lb, m, o in rows if o},
+           "modes": summarize(results, len(prompts)), "skipped": skipped,
            "flops_per_token": {cfg.preset: flops_per_token(cfg), "nextstep-1-large": large_preset_split()}}
     text = json.dumps(out, indent=2, default=str)
     print(text)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(text + "\n")
+
+
+def _with_overrides(bundle, overrides: list[str]):
+    """The same models with a config of their own (a variant's inference overrides leave the others alone)."""
+    if not overrides:
+        return bundle
+    cfg = copy.deepcopy(bundle.cfg)
+    apply_overrides(cfg, overrides)
+    return dataclasses.replace(bundle, cfg=cfg)
 
 
 def statistics_line(r: ModeResult) -> str:

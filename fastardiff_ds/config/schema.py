@@ -130,7 +130,9 @@ class InferenceConfig:
     student_final_std: float = 0.02  # > 0 so the student chain has a density (exact verification)
     gamma: int = 4  # draft length
     tau: float | None = None  # entropy early-stop threshold; None = the checkpoint's (Eq. 10)
-    accept: str = "exact"  # exact | cspd
+    accept: str = "exact"  # exact (lossless) | cspd (CSpD's last-step rule, the paper's Alg. 1; not lossless)
+    relax_temperature: float = 1.0  # exact only: accept min(1, (P/Q)^(1/T)); T > 1 is NOT lossless
+    cspd_inner_temperature: float = 1.0  # cspd only: CSpD's T_in (42 in their code)
     max_resample_tries: int = 16
     batch_size: int = 4
 

@@ -29,3 +29,36 @@ def test_summary_speedup_and_count_bound():
     assert out["fastardiff"]["count_implied_speedup_upper_bound"] == pytest.approx(1 / (0.125 + 0.25))
     assert out["baseline"]["count_implied_speedup_upper_bound"] == pytest.approx(1.0)
     assert out["fastardiff"]["time_share_head"] == pytest.approx(0.6)
+
+
+def test_variant_rows_parse_and_reject_bad_text():
+    from fastardiff_ds.benchmark import parse_variant
+    from fastardiff_ds.inference import MODES
+
+    label, mode, over = parse_variant("fd-cspd=fastardiff:inference.accept=cspd,inference.gamma=6", MODES)
+    assert (label, mode, over) == ("fd-cspd", "fastardiff", ["inference.accept=cspd", "inference.gamma=6"])
+    assert parse_variant("plain=dmd", MODES) == ("plain", "dmd", [])
+    for bad in ("fastardiff", "x=greedy", "x=sd:inference.accept", "=sd"):
+        with pytest.raises(ValueError, match="--variant"):
+            parse_variant(bad, MODES)
+
+
+def test_variant_overrides_reach_the_spec_and_leave_the_base_config_alone(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    import fastardiff_ds.sampling.speculative as spec_mod
+    from fastardiff_ds.config import get_preset
+    from fastardiff_ds.inference import Pipeline, random_init_bundle
+
+    path = Path(__file__).resolve().parents[2] / "launcher" / "bench_inference.py"
+    mod_spec = importlib.util.spec_from_file_location("bench_inference", path)
+    bench = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(bench)
+    bundle = random_init_bundle(get_preset("tiny"))
+    variant = bench._with_overrides(bundle, ["inference.accept=cspd", "inference.cspd_inner_temperature=42"])
+    assert variant.target is bundle.target and bundle.cfg.inference.accept == "exact"
+    seen = {}
+    monkeypatch.setattr(spec_mod, "speculative_generate", lambda *a, **k: seen.setdefault("spec", a[6]))
+    Pipeline(variant, "sd").generate_tokens(["a red circle"], [0])
+    assert seen["spec"].accept == "cspd" and seen["spec"].cspd_inner_temperature == 42.0
