@@ -117,6 +117,7 @@ def summarize(results: dict[str, ModeResult], images: int) -> dict:
                "head_calls_per_image": per_img(s["target_head"]["calls"] + s["draft_head"]["calls"]),
                "mean_accepted_length": s["mean_accepted_length"], "acceptance_rate": s["acceptance_rate"],
                "early_stop_rate": s["early_stop_rate"], "resample_fallbacks": s["fallbacks"],
+               "policy_skips_per_image": per_img(s["policy_skips"]),
                "time_share_ar": r.ar_seconds / max(r.ar_seconds + r.head_seconds, 1e-12),
                "time_share_head": r.head_seconds / max(r.ar_seconds + r.head_seconds, 1e-12)}
         if base is not None:

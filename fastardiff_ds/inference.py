@@ -74,7 +74,7 @@ class Pipeline:
             tau = float("-inf")  # sd: no early stop
         inf = self.inf
         spec = SpecConfig(inf.gamma, float(tau), inf.accept, inf.relax_temperature, inf.cspd_inner_temperature,
-                          inf.max_resample_tries)
+                          inf.max_resample_tries, inf.draft_policy, inf.draft_cost, inf.probe_drafts)
         return speculative_generate(flow, draft_flow, ids, mask, n, gens, spec, progress=self.progress)
 
     @torch.no_grad()

@@ -128,7 +128,10 @@ class InferenceConfig:
     cfg_schedule: str = "constant"  # constant | linear
     student_steps: int = 2  # few-step student head (dmd / fastardiff modes)
     student_final_std: float = 0.02  # > 0 so the student chain has a density (exact verification)
-    gamma: int = 4  # draft length
+    gamma: int = 4  # draft length (the most tokens drafted per round)
+    draft_policy: str = "adaptive"  # fixed (gamma every round) | adaptive (per sample, the gamma that pays; exact)
+    draft_cost: float = 0.0  # adaptive: a drafted token's cost in target rounds; 0 = estimated from parameters
+    probe_drafts: int = 4  # adaptive: drafts measured per sample before it may stop drafting
     tau: float | None = None  # entropy early-stop threshold; None = the checkpoint's (Eq. 10)
     accept: str = "exact"  # exact (lossless) | cspd (CSpD's last-step rule, the paper's Alg. 1; not lossless)
     relax_temperature: float = 1.0  # exact only: accept min(1, (P/Q)^(1/T)); T > 1 is NOT lossless

@@ -90,6 +90,7 @@ class DecodeStats:
     accepted: int = 0
     draft_sessions: int = 0  # (sample, round) pairs that could draft (room left, not finished)
     early_stops: int = 0  # ... of which drafting ended on the entropy threshold
+    policy_skips: int = 0  # (sample, round) pairs the adaptive draft policy left to the target alone
     resampled: int = 0  # first rejections resampled from the residual
     resample_tries: int = 0
     fallbacks: int = 0  # residual sampling ran out of tries: the target's own sample was used

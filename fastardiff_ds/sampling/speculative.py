@@ -9,6 +9,9 @@ One round, per sample (batched, every sample keeps its own accepted length):
    drawn from the residual max(0, P - Q) by acceptance-rejection, later drafts are dropped; if everything was
    accepted the target adds one token of its own. KV caches of both models are rolled back per sample.
 
+How many tokens a sample may draft per round is `gamma`, or with policy='adaptive' the number that pays given
+its acceptance so far (draft_policy.py; a function of finished rounds only, so exactness holds).
+
 Early stop deviates from a literal reading of Alg. 1 (which drops the token x_i whose own position has low
 entropy): that drop depends on x_i's value, which would make the drafted tokens' law differ from Q and break
 exactness. Here the entropy at x_i's position only decides whether x_{i+1} is drafted -- a function of the
@@ -30,6 +33,7 @@ from .acceptance import cspd_log_ratio, cspd_residual_logs, exact_log_ratio, res
 from .common import ARFlow, DecodeStats, GenerationResult, ar_rows, chain_dtype, make_field, prompt_rows, sample_rows
 from .flow import Trajectory as _Trajectory
 from .flow import gaussian_chain_logprob, require_density, trajectory_logprob, transition_stds
+from .draft_policy import POLICIES, DraftPolicy, choose_gamma, draft_cost_ratio
 from .noise import rand, rand_varlen, randn
 
 ACCEPT_RULES = ("exact", "cspd")
@@ -43,6 +47,9 @@ class SpecConfig:
     relax_temperature: float = 1.0  # exact only: min(1, (P/Q)^(1/T)); T > 1 is faster and NOT lossless
     cspd_inner_temperature: float = 1.0  # CSpD's T_in (42 in their code); != 1 is not lossless either
     max_resample_tries: int = 100  # residual acceptance-rejection tries before the target's own sample is used
+    policy: str = "fixed"  # fixed (gamma every round) | adaptive (the gamma that pays, per sample; draft_policy.py)
+    draft_cost: float = 0.0  # adaptive: cost of a drafted token in target rounds; 0 = estimate from parameters
+    probe_drafts: int = 4  # adaptive: drafts per sample measured before it may stop drafting
 
     def __post_init__(self):
         if self.gamma < 0 or self.max_resample_tries < 1:
@@ -51,6 +58,8 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.accept={self.accept!r}: choose one of {ACCEPT_RULES}")
         if self.relax_temperature < 1.0 or self.cspd_inner_temperature <= 0:
             raise ValueError("SpecConfig: relax_temperature must be >= 1 (1 = exact) and cspd_inner_temperature > 0")
+        if self.policy not in POLICIES or self.draft_cost < 0:
+            raise ValueError(f"SpecConfig.policy={self.policy!r}: choose one of {POLICIES} (draft_cost >= 0)")
         if math.isnan(self.tau):
             raise ValueError("SpecConfig.tau is NaN: use a number, +inf (never draft) or -inf (never stop early)")
 
@@ -79,6 +88,7 @@ class _Ctx:
     num_tokens: int
     dtype: torch.dtype
     stats: DecodeStats
+    policy: DraftPolicy = DraftPolicy()  # fixed gamma unless speculative_generate sets an adaptive one
 
 
 @dataclass
@@ -89,6 +99,8 @@ class _State:
     dcache: object
     t_base: torch.Tensor  # (B,) cache length after the prompt
     d_base: torch.Tensor
+    accepted: torch.Tensor  # (B,) drafts accepted so far (the adaptive policy's evidence)
+    drafted: torch.Tensor  # (B,) drafts verified so far
     first_round: bool = True
 
 
@@ -140,7 +152,7 @@ def _draft(ctx: _Ctx, st: _State, active: torch.Tensor, gmax: torch.Tensor) -> _
     B, dev, m = st.n.shape[0], st.n.device, ctx.draft.cfg.batch_mult
     g = torch.zeros(B, dtype=torch.long, device=dev)
     states, means, conds = [], [], []
-    if ctx.spec.drafts:
+    if ctx.spec.drafts and bool((active & (gmax > 0)).any()):  # else no sample drafts again: skip its window
         step = _draft_window(ctx, st)
         sessions = active & (gmax > 0)
         ok = _entropy_ok(ctx, step, B)
@@ -301,6 +313,8 @@ def _commit(ctx: _Ctx, st: _State, dr: _Drafts, a, y, active) -> None:
     st.n = st.n + torch.where(active, a + 1, torch.zeros_like(a))
     st.tcache.rollback(ar_rows(st.t_base + st.n - 1, ctx.target.cfg.batch_mult))
     st.first_round = False
+    st.accepted = st.accepted + torch.where(active, a, torch.zeros_like(a))
+    st.drafted = st.drafted + torch.where(active, dr.g, torch.zeros_like(a))
     ctx.stats.drafted += int(dr.g[active].sum())
     ctx.stats.accepted += int(a[active].sum())
     ctx.stats.accepted_lengths.extend(a[active].tolist())
@@ -308,7 +322,9 @@ def _commit(ctx: _Ctx, st: _State, dr: _Drafts, a, y, active) -> None:
 
 def _round(ctx: _Ctx, st: _State) -> None:
     active = st.n < ctx.num_tokens
-    gmax = torch.clamp(torch.minimum(torch.full_like(st.n, ctx.spec.gamma), ctx.num_tokens - st.n - 1), min=0)
+    chosen = choose_gamma(ctx.policy, ctx.spec.gamma, st.accepted, st.drafted)
+    ctx.stats.policy_skips += int((active & (chosen == 0)).sum()) if ctx.spec.drafts else 0
+    gmax = torch.clamp(torch.minimum(chosen, ctx.num_tokens - st.n - 1), min=0)
     gmax = torch.where(active, gmax, torch.zeros_like(gmax))
     dr = _draft(ctx, st, active, gmax)
     tcond = _verify(ctx, st, dr)
@@ -334,8 +350,9 @@ def _start(ctx: _Ctx, ids, mask) -> _State:
         ctx.draft.ar.prefill(d_ids, d_mask, dcache)
         ctx.stats.draft_forwards += 1
     out = torch.zeros(B, N, ctx.target.token_dim, device=dev, dtype=ctx.dtype)
-    st = _State(out, torch.zeros(B, dtype=torch.long, device=dev), tcache, dcache, tcache.lengths[:B].clone(),
-                None if dcache is None else dcache.lengths[:B].clone())
+    zeros = torch.zeros(B, dtype=torch.long, device=dev)
+    st = _State(out, zeros, tcache, dcache, tcache.lengths[:B].clone(),
+                None if dcache is None else dcache.lengths[:B].clone(), zeros, zeros)
     everyone = torch.ones(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
     _, traj = _bonus(ctx, st, tcond, torch.zeros(B, dtype=torch.long, device=dev), rows, everyone)
@@ -356,9 +373,13 @@ def speculative_generate(target: ARFlow, draft: ARFlow, input_ids: torch.Tensor,
     """
     if num_tokens < 1:
         raise ValueError(f"num_tokens={num_tokens}: generate at least one image token")
+    policy = DraftPolicy()
     if spec.drafts:
         check_pair(target, draft, spec)
-    ctx = _Ctx(target, draft, spec, generators, num_tokens, torch.float32, DecodeStats())
+        if spec.policy == "adaptive":
+            cost = spec.draft_cost or draft_cost_ratio(target, draft)
+            policy = DraftPolicy("adaptive", cost, probe_drafts=spec.probe_drafts)
+    ctx = _Ctx(target, draft, spec, generators, num_tokens, torch.float32, DecodeStats(), policy)
     st = _start(ctx, input_ids, attention_mask)
     bar = None
     if progress:

@@ -17,7 +17,8 @@ def test_cost_matched_preset_has_the_large_models_ar_head_split():
 def _stats(tf, df, rows, drafted=0, accepted=0):
     return {"target_forwards": tf, "draft_forwards": df, "target_head": {"calls": rows, "rows": rows},
             "draft_head": {"calls": 0, "rows": 0}, "mean_accepted_length": 1 + accepted / max(tf, 1),
-            "acceptance_rate": accepted / drafted if drafted else 0.0, "early_stop_rate": 0.0, "fallbacks": 0}
+            "acceptance_rate": accepted / drafted if drafted else 0.0, "early_stop_rate": 0.0, "fallbacks": 0,
+            "policy_skips": 0}
 
 
 def test_summary_speedup_and_count_bound():
