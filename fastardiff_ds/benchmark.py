@@ -132,6 +132,25 @@ def summarize(results: dict[str, ModeResult], images: int) -> dict:
     return out
 
 
+TABLE_COLUMNS = (  # (header, key, format) of the README's benchmark tables
+    ("s/image (median)", "latency_s_per_image_median", "{:.3f}"), ("p90", "latency_s_per_image_p90", "{:.3f}"),
+    ("speedup", "speedup_vs_baseline", "{:.2f}x"), ("target fwd / img", "target_forwards_per_image", "{:.1f}"),
+    ("draft fwd / img", "draft_forwards_per_image", "{:.1f}"), ("head evals / img", "head_evals_per_image", "{:.0f}"),
+    ("accepted length", "mean_accepted_length", "{:.2f}"), ("acceptance", "acceptance_rate", "{:.3f}"),
+    ("early stop", "early_stop_rate", "{:.2f}"), ("policy skips / img", "policy_skips_per_image", "{:.1f}"),
+    ("AR time share", "time_share_ar", "{:.2f}"), ("count bound", "count_implied_speedup_upper_bound", "{:.2f}x"),
+)
+
+
+def markdown_table(modes: dict) -> str:
+    """The per-mode summary (summarize's output) as a markdown table, one row per mode."""
+    cols = [c for c in TABLE_COLUMNS if all(c[1] in row for row in modes.values())]
+    lines = ["| mode | " + " | ".join(h for h, _, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for mode, row in modes.items():
+        lines.append(f"| {mode} | " + " | ".join(f.format(row[k]) for _, k, f in cols) + " |")
+    return "\n".join(lines)
+
+
 def parse_variant(text: str, modes: tuple[str, ...]) -> tuple[str, str, list[str]]:
     """'LABEL=MODE[:key=value,key=value]' -> (label, mode, dotted overrides), e.g.
     'fastardiff-cspd=fastardiff:inference.accept=cspd,inference.cspd_inner_temperature=42'."""
@@ -150,5 +169,5 @@ def large_preset_split() -> dict:
     return flops_per_token(get_preset("nextstep-1-large"))
 
 
-__all__ = ["DraftAR", "ModeResult", "SectionTimer", "flops_per_token", "large_preset_split", "parse_variant",
-           "sum_stats", "summarize"]
+__all__ = ["DraftAR", "ModeResult", "SectionTimer", "flops_per_token", "large_preset_split", "markdown_table",
+           "parse_variant", "sum_stats", "summarize"]

@@ -8,6 +8,7 @@
 Prints and writes JSON: per mode latency per image (median, p90), speedup vs baseline, target/draft forward counts,
 mean accepted length, acceptance rate, early-stop rate, head evaluations, share of time in AR vs head, the upper
 bound on speedup the counts imply; plus the per-token AR:head FLOP split of this preset next to nextstep-1-large's.
+Last, the same rows as a markdown table (fastardiff_ds.benchmark.markdown_table).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 import copy
 import dataclasses
 
-from fastardiff_ds.benchmark import (ModeResult, SectionTimer, flops_per_token, large_preset_split, parse_variant,
-                                     sum_stats, summarize)
+from fastardiff_ds.benchmark import (ModeResult, SectionTimer, flops_per_token, large_preset_split, markdown_table,
+                                     parse_variant, sum_stats, summarize)
 from fastardiff_ds.config import apply_overrides
 from fastardiff_ds.data.shapes import eval_prompts
 from fastardiff_ds.inference import MODES, Pipeline, load_pipeline
@@ -82,6 +83,7 @@ def main(argv=None):
            "flops_per_token": {cfg.preset: flops_per_token(cfg), "nextstep-1-large": large_preset_split()}}
     text = json.dumps(out, indent=2, default=str)
     print(text)
+    print(markdown_table(out["modes"]))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(text + "\n")

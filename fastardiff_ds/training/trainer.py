@@ -174,7 +174,7 @@ class JointTrainer:
         logger = self.logger_factory(self.run_id)
         self.run_id = logger.run_id
         log_path = self.run_dir / "metrics.jsonl"
-        first_step_s, t0, samples0 = None, time.time(), self.consumed
+        first_step_s, t0, samples0, step0 = None, time.time(), self.consumed, self.step
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=self.step, desc="fast-ardiff", disable=self.rank != 0, dynamic_ncols=True)
@@ -197,6 +197,7 @@ class JointTrainer:
                 if self.step >= t.steps:
                     break
         bar.close()
+        throughput = self._throughput(time.time() - t0, self.consumed - samples0, self.step - step0)
         tau = self.measure_tau(loader)
         meta = {**tau, "step": self.step, "stage": stage_of(cfg, self.step), "teacher": cfg.train.teacher}
         export = self.export(meta)
@@ -204,7 +205,14 @@ class JointTrainer:
             on_sample(self, logger, export)
         logger.log({"tau": tau["tau"]}, step=self.step)
         logger.finish()
-        return {"tau": tau, "export": str(export) if export else None, "first_step_s": first_step_s}
+        return {"tau": tau, "export": str(export) if export else None, "first_step_s": first_step_s, **throughput}
+
+    def _throughput(self, seconds: float, samples: int, steps: int) -> dict:
+        """Steps/s and samples/s of this fit call, and every rank's peak resident memory (gathered)."""
+        peak = [None] * self.world
+        dist.all_gather_object(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return {"steps_per_s": steps / max(seconds, 1e-9), "samples_per_s": samples / max(seconds, 1e-9),
+                "peak_rss_mib_per_rank": peak}
 
     def _log(self, metrics, logger, log_path, t0, samples0, first_step_s):
         ents, target_ents = metrics.pop("_draft_entropy"), metrics.pop("_target_entropy").reshape(-1)

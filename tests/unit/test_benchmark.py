@@ -63,3 +63,13 @@ def test_variant_overrides_reach_the_spec_and_leave_the_base_config_alone(monkey
     monkeypatch.setattr(spec_mod, "speculative_generate", lambda *a, **k: seen.setdefault("spec", a[6]))
     Pipeline(variant, "sd").generate_tokens(["a red circle"], [0])
     assert seen["spec"].accept == "cspd" and seen["spec"].cspd_inner_temperature == 42.0
+
+
+def test_markdown_table_has_a_row_per_mode():
+    from fastardiff_ds.benchmark import markdown_table
+
+    base = ModeResult([2.0, 2.0], _stats(64, 0, 640), ar_seconds=1.0, head_seconds=1.0)
+    fast = ModeResult([0.5, 0.5], _stats(16, 48, 320, 48, 40), ar_seconds=0.2, head_seconds=0.3)
+    lines = markdown_table(summarize({"baseline": base, "fastardiff": fast}, images=1)).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| mode | s/image (median)")
+    assert lines[3].startswith("| fastardiff | 0.500 | ") and "| 4.00x |" in lines[3]
