@@ -55,11 +55,13 @@ class SpecConfig:
         if self.gamma < 0 or self.max_resample_tries < 1:
             raise ValueError("SpecConfig: gamma must be >= 0 and max_resample_tries >= 1")
         if self.accept not in ACCEPT_RULES:
-            raise ValueError(f"SpecConfig.accept={self.accept!r}: choose one of {ACCEPT_RULES}")
+            raise ValueError(f"SpecConfig.accept={self.accept!r} (config key inference.accept): choose one of "
+                             f"{ACCEPT_RULES}")
         if self.relax_temperature < 1.0 or self.cspd_inner_temperature <= 0:
             raise ValueError("SpecConfig: relax_temperature must be >= 1 (1 = exact) and cspd_inner_temperature > 0")
         if self.policy not in POLICIES or self.draft_cost < 0:
-            raise ValueError(f"SpecConfig.policy={self.policy!r}: choose one of {POLICIES} (draft_cost >= 0)")
+            raise ValueError(f"SpecConfig.policy={self.policy!r} (config key inference.draft_policy): choose one of "
+                             f"{POLICIES}; draft_cost (inference.draft_cost) must be >= 0")
         if math.isnan(self.tau):
             raise ValueError("SpecConfig.tau is NaN: use a number, +inf (never draft) or -inf (never stop early)")
 
