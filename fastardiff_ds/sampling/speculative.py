@@ -31,9 +31,9 @@ import torch
 
 from .acceptance import cspd_log_ratio, cspd_residual_logs, exact_log_ratio, residual_accept_prob
 from .common import ARFlow, DecodeStats, GenerationResult, ar_rows, chain_dtype, make_field, prompt_rows, sample_rows
+from .draft_policy import POLICIES, DraftPolicy, choose_gamma, draft_cost_ratio
 from .flow import Trajectory as _Trajectory
 from .flow import gaussian_chain_logprob, require_density, trajectory_logprob, transition_stds
-from .draft_policy import POLICIES, DraftPolicy, choose_gamma, draft_cost_ratio
 from .noise import rand, rand_varlen, randn
 
 ACCEPT_RULES = ("exact", "cspd")
