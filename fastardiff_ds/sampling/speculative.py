@@ -154,9 +154,9 @@ def _draft(ctx: _Ctx, st: _State, active: torch.Tensor, gmax: torch.Tensor) -> _
     B, dev, m = st.n.shape[0], st.n.device, ctx.draft.cfg.batch_mult
     g = torch.zeros(B, dtype=torch.long, device=dev)
     states, means, conds = [], [], []
-    if ctx.spec.drafts and bool((active & (gmax > 0)).any()):  # else no sample drafts again: skip its window
+    sessions = active & (gmax > 0)
+    if ctx.spec.drafts and bool(sessions.any()):  # else no sample drafts again: skip its window
         step = _draft_window(ctx, st)
-        sessions = active & (gmax > 0)
         ok = _entropy_ok(ctx, step, B)
         ctx.stats.draft_sessions += int(sessions.sum())
         ctx.stats.early_stops += int((sessions & ~ok).sum())
@@ -352,9 +352,9 @@ def _start(ctx: _Ctx, ids, mask) -> _State:
         ctx.draft.ar.prefill(d_ids, d_mask, dcache)
         ctx.stats.draft_forwards += 1
     out = torch.zeros(B, N, ctx.target.token_dim, device=dev, dtype=ctx.dtype)
-    zeros = torch.zeros(B, dtype=torch.long, device=dev)
-    st = _State(out, zeros, tcache, dcache, tcache.lengths[:B].clone(),
-                None if dcache is None else dcache.lengths[:B].clone(), zeros, zeros)
+    zeros = lambda: torch.zeros(B, dtype=torch.long, device=dev)  # noqa: E731 -- one tensor per counter, no aliasing
+    st = _State(out, zeros(), tcache, dcache, tcache.lengths[:B].clone(),
+                None if dcache is None else dcache.lengths[:B].clone(), zeros(), zeros())
     everyone = torch.ones(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
     _, traj = _bonus(ctx, st, tcond, torch.zeros(B, dtype=torch.long, device=dev), rows, everyone)
