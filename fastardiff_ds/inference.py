@@ -39,6 +39,11 @@ class Pipeline:
             raise ValueError(f"mode '{mode}' needs a draft AR (draft.safetensors) in the checkpoint: train one "
                              "with launcher/train_t2i.py, or use --mode baseline / dmd")
         self.stats = []
+        self.compiler = None
+        if self.inf.compile:
+            from .sampling.compiled import CompileOptions, Compiler
+
+            self.compiler = Compiler(CompileOptions(mode=self.inf.compile_mode))
 
     @property
     def inf(self):
@@ -48,13 +53,17 @@ class Pipeline:
         inf = self.inf
         sampler = SamplerConfig(inf.sampler, inf.num_steps, inf.noise_level, inf.time_shift)
         cfg = CFGConfig(inf.cfg_scale, inf.cfg_schedule, "two_pass" if inf.cfg_scale != 1.0 else "none")
-        return ARFlow(ar, self.bundle.head, sampler, cfg, self.bundle.cfg.model.image.token_layernorm)
+        return self._compiled(ARFlow(ar, self.bundle.head, sampler, cfg, self.bundle.cfg.model.image.token_layernorm))
+
+    def _compiled(self, flow: ARFlow) -> ARFlow:
+        return self.compiler.flow(flow) if self.compiler is not None else flow
 
     def student_flow(self, ar) -> ARFlow:
         inf = self.inf
         sampler = SamplerConfig("consistency", inf.student_steps, final_std=inf.student_final_std)
         cfg = CFGConfig(inf.cfg_scale, inf.cfg_schedule, "distilled")
-        return ARFlow(ar, self.bundle.student, sampler, cfg, self.bundle.cfg.model.image.token_layernorm)
+        return self._compiled(ARFlow(ar, self.bundle.student, sampler, cfg,
+                                     self.bundle.cfg.model.image.token_layernorm))
 
     def generate_tokens(self, prompts: list[str], seeds: list[int]) -> GenerationResult:
         grid, n = self.bundle.cfg.model.image.grid, self.bundle.cfg.model.image.num_tokens

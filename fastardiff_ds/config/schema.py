@@ -138,6 +138,8 @@ class InferenceConfig:
     cspd_inner_temperature: float = 1.0  # cspd only: CSpD's T_in (42 in their code)
     max_resample_tries: int = 16
     batch_size: int = 4
+    compile: bool = False  # static KV cache + torch.compile'd AR decode/verify and head-chain steps (sampling/compiled.py)
+    compile_mode: str = "auto"  # auto (CUDA graphs on GPU, inductor on CPU) | default | reduce-overhead | max-autotune
 
 
 @dataclass

@@ -138,10 +138,10 @@ class Qwen2Backbone(nn.Module):
         self.norm = Qwen2RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=c)
 
-    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None, static: bool = False) -> KVCache:
         c, w = self.config, self.embed_tokens.weight
         return KVCache.empty(len(self.layers), batch_size, max_len, c.num_key_value_heads,
-                             c.hidden_size // c.num_attention_heads, device or w.device, dtype or w.dtype)
+                             c.hidden_size // c.num_attention_heads, device or w.device, dtype or w.dtype, static)
 
     def forward(self, embeds: torch.Tensor, pos: Positions, cache: KVCache | None = None,
                 return_layers: tuple[int, ...] = (), explicit_layer: int | None = None) -> BackboneOutput:

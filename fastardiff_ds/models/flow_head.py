@@ -47,7 +47,11 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x, y):
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return self.modulated(x, self.adaLN_modulation(y))
+
+    def modulated(self, x, mod):
+        """x (N,W) with this block's adaLN output mod = adaLN_modulation(y) (N,3W) computed beforehand."""
+        shift, scale, gate = mod.chunk(3, dim=-1)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
@@ -59,7 +63,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x, y):
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.modulated(x, self.adaLN_modulation(y))
+
+    def modulated(self, x, mod):
+        shift, scale = mod.chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -92,10 +99,21 @@ class SimpleMLPAdaLN(nn.Module):
         y = self.time_embed(t) + self.cond_embed(cond)
         if extra is not None:
             y = y + extra
+        return self.modulated(x, self.modulations(y))
+
+    def modulations(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """Every adaLN output for conditioning y (..., W): [(..., 3W) per block, (..., 2W) final layer].
+
+        They depend on (t, cond, guidance) only, not on the state x, so a sampler that knows its time grid can
+        compute them for all K steps of a token at once (fastardiff_ds/sampling/fast_chain.py)."""
+        return [b.adaLN_modulation(y) for b in self.res_blocks] + [self.final_layer.adaLN_modulation(y)]
+
+    def modulated(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+        """The state-dependent part of the forward: x (N,D) with precomputed `modulations` (each (N, *))."""
         h = self.input_proj(x)
-        for block in self.res_blocks:
-            h = block(h, y)
-        return self.final_layer(h, y)
+        for block, mod in zip(self.res_blocks, mods):
+            h = block.modulated(h, mod)
+        return self.final_layer.modulated(h, mods[-1])
 
 
 class FlowHead(nn.Module):
@@ -113,11 +131,28 @@ class FlowHead(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: torch.Tensor | None = None):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        extra = None
-        if self.guidance_embed is not None:
-            if guidance is None:
-                raise ValueError("this head was built with guidance_embed=True: pass the CFG scale as `guidance`")
-            g = guidance.expand(x.shape[0]) if guidance.dim() == 0 else guidance
-            extra = self.guidance_embed(g)
+        extra = self._guidance(guidance, x.shape[0])
         dtype = self.net.input_proj.weight.dtype
         return self.net(x.to(dtype), t.to(dtype), cond.to(dtype), extra)
+
+    def _guidance(self, guidance: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        if self.guidance_embed is None:
+            return None
+        if guidance is None:
+            raise ValueError("this head was built with guidance_embed=True: pass the CFG scale as `guidance`")
+        return self.guidance_embed(guidance.expand(n) if guidance.dim() == 0 else guidance)
+
+    def chain_modulations(self, t_grid: torch.Tensor, cond: torch.Tensor,
+                          guidance: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """adaLN outputs of N tokens at every step of a time grid: t_grid (K,), cond (N,C), guidance (N,) | None
+        -> list of (K, N, *) tensors, one per block + the final layer. Equal to what K `forward` calls compute."""
+        dtype = self.net.input_proj.weight.dtype
+        y = self.net.time_embed(t_grid.to(dtype))[:, None] + self.net.cond_embed(cond.to(dtype))[None]  # (K,N,W)
+        extra = self._guidance(guidance, cond.shape[0])
+        if extra is not None:
+            y = y + extra[None]
+        return self.net.modulations(y)
+
+    def modulated(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+        """v (N,D) at states x (N,D) given one step's `chain_modulations` (each (N, *))."""
+        return self.net.modulated(x.to(self.net.input_proj.weight.dtype), mods)

@@ -3,6 +3,10 @@
 Speculative decoding accepts a different number of drafted tokens per sample; with slot = position a rollback is
 just `lengths[b] = n`: stale slots past `n` are masked out causally and overwritten by the next write.
 Rows may be left-padded (NextStep-1 pads prompts on the left): `start[b]` is the first real slot of row b.
+
+`static=True` (the compiled decode path, fastardiff_ds/sampling/compiled.py): attention always reads the whole
+preallocated buffer (B, max_len, ...) and the causal mask hides unwritten and stale slots, so every decode step
+of a given width has the same shapes and a compiled graph (or a CUDA graph) is reused for the whole image.
 """
 from __future__ import annotations
 
@@ -17,15 +21,24 @@ class KVCache:
     values: list[torch.Tensor]  # per layer (B, max_len, n_kv, head_dim)
     lengths: torch.Tensor  # (B,) long: slots written so far
     start: torch.Tensor  # (B,) long: first real (non-pad) slot
+    static: bool = False  # attend over the full buffer (fixed shapes for torch.compile / CUDA graphs)
 
     @classmethod
     def empty(cls, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
-              device=None, dtype=torch.float32) -> "KVCache":
+              device=None, dtype=torch.float32, static: bool = False) -> "KVCache":
         shape = (batch_size, max_len, num_kv_heads, head_dim)
         zeros = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
         long = dict(device=device, dtype=torch.long)
         return cls([zeros() for _ in range(num_layers)], [zeros() for _ in range(num_layers)],
-                   torch.zeros(batch_size, **long), torch.zeros(batch_size, **long))
+                   torch.zeros(batch_size, **long), torch.zeros(batch_size, **long), static)
+
+    def mark_static_addresses(self) -> "KVCache":
+        """Tell torch.compile the buffers never move (CUDA graphs then replay without copying them)."""
+        import torch._dynamo
+
+        for t in (*self.keys, *self.values):
+            torch._dynamo.mark_static_address(t)
+        return self
 
     @property
     def max_len(self) -> int:
@@ -48,6 +61,8 @@ class KVCache:
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.keys[layer][rows, slots] = k.to(self.keys[layer].dtype)
         self.values[layer][rows, slots] = v.to(self.values[layer].dtype)
+        if self.static:
+            return self.keys[layer], self.values[layer]
         end = int(slots.max()) + 1
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
@@ -64,7 +79,7 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> "KVCache":
         """A cache holding only `rows` (copies)."""
         return KVCache([k[rows].clone() for k in self.keys], [v[rows].clone() for v in self.values],
-                       self.lengths[rows].clone(), self.start[rows].clone())
+                       self.lengths[rows].clone(), self.start[rows].clone(), self.static)
 
     def clone(self) -> "KVCache":
         return self.select(torch.arange(self.batch_size, device=self.lengths.device))

@@ -26,6 +26,7 @@ class ARFlow:
     sampler: SamplerConfig
     cfg: CFGConfig = field(default_factory=lambda: CFGConfig(mode="none"))
     token_layernorm: bool = False  # NextStep-1 `use_norm`: the emitted (and fed-back) token is layer_norm(x_K)
+    chain: object = None  # runs a head chain in place of flow.sample_tokens (compiled.HeadChain); None = eager
 
     @property
     def token_dim(self) -> int:
@@ -71,7 +72,7 @@ def sample_rows(model: ARFlow, fld: VelocityField, gens, rows: torch.Tensor, act
     """One chain per sample in `rows` (R,), its noise (K+1, D) drawn from that sample's own generator."""
     K, D = model.sampler.steps, model.token_dim
     noise = randn(gens, (K + 1, D), device=active.device, dtype=dtype, active=active)[rows]
-    return sample_tokens(fld, model.sampler, noise)
+    return (model.chain or sample_tokens)(fld, model.sampler, noise)
 
 
 def chain_dtype(cond: torch.Tensor) -> torch.dtype:
