@@ -182,3 +182,42 @@ def test_vae_that_does_not_fit_the_model_config(official, tmp_path):
     folder, _, _ = official
     with pytest.raises(ValueError, match="model.image.channels=16"):
         VAETokenizer(_image_cfg(folder, z_channels=16), load_vae(folder, cache_dir=tmp_path / "cache"))
+
+
+def _launcher(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "launcher" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_launcher_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_vae_flag_end_to_end(official, tmp_path, capsys):
+    folder, _, _ = official
+    generate = _launcher("generate").main
+    args = ["--random-init", "--prompt", "a red circle", "--num-images", "1", "model.image.tokenizer=vae",
+            "model.image.channels=4", "model.image.vae_downsample=2", "model.image.resolution=16",
+            "model.image.patch_size=2", "inference.num_steps=2", "model.ar.num_layers=1", "model.draft.num_layers=1",
+            "model.head.depth=1"]
+    with pytest.raises(SystemExit, match="NextStep-1-f8ch16-Tokenizer"):
+        generate(["--out", str(tmp_path / "x"), "--vae", str(tmp_path / "nope"), *args])
+    generate(["--out", str(tmp_path / "y"), "--vae", str(folder), *args])
+    from PIL import Image
+
+    assert Image.open(tmp_path / "y" / "00000_seed0.png").size == (16, 16)
+    assert (folder / "checkpoint.diffusers.safetensors").is_file()  # the conversion was cached beside it
+
+
+def test_eval_generate_vae_flag_becomes_an_override():
+    import argparse
+
+    from eval_suites.generation import add_generate_args
+
+    p = argparse.ArgumentParser()
+    add_generate_args(p, n_default=1)
+    a = p.parse_args(["--ckpt", "c", "--outdir", "o", "--set", "inference.num_steps=3", "--vae", "V"])
+    assert a.set == ["model.image.vae_path=V", "inference.num_steps=3"]
+    assert p.parse_args(["--ckpt", "c", "--outdir", "o"]).set == []  # the shared default is not mutated
