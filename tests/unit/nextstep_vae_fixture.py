@@ -87,8 +87,8 @@ def _decoder(p: dict) -> nn.Module:
 
 def official_params(**overrides) -> dict:
     """config.json content: the official AutoEncoderParams fields, tiny channels (GroupNorm(32) needs ch % 32 == 0)."""
-    p = dict(resolution=16, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, z_channels=4,
-             scaling_factor=0.3611, shift_factor=0.1159, deterministic=True, encoder_norm=True, psz=2)
+    p = dict(resolution=16, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4,
+             scaling_factor=0.3611, shift_factor=0.1159, deterministic=True, encoder_norm=True, psz=2)  # levels 1 and 2 share a width: a mixed-up decoder level order shows numerically
     p.update(overrides)
     return p
 
@@ -104,7 +104,7 @@ def write_official_vae_folder(out: str | Path, seed: int = 0, **overrides) -> tu
             if ".norm" in name and name.endswith("weight"):
                 t.copy_(1 + 0.2 * torch.randn_like(t))
             else:
-                t.copy_((0.15 if t.ndim > 1 else 0.05) * torch.randn_like(t))
+                t.copy_((0.1 if t.ndim > 1 else 0.05) * torch.randn_like(t))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = vae.state_dict()

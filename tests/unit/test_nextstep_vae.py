@@ -82,7 +82,7 @@ def ref_decode(z, sd, cfg):
     return _conv(_swish(_gn(h, sd, "decoder.norm_out")), sd, "decoder.conv_out")
 
 
-def _image_cfg(folder, z_channels=4, downsample=2, resolution=16):
+def _image_cfg(folder, z_channels=4, downsample=4, resolution=16):
     cfg = get_preset("nextstep-1-large").model.image
     cfg.vae_path, cfg.channels, cfg.vae_downsample, cfg.resolution = str(folder), z_channels, downsample, resolution
     return cfg
@@ -105,7 +105,7 @@ def test_decode_matches_reference(official, tmp_path):
     z = unpatchify(tokens, 2, 4, tk.cfg.grid) / cfg["scaling_factor"] + cfg["shift_factor"]
     want = ref_decode(z, sd, cfg).clamp(-1, 1)
     got = tk.decode(tokens)
-    assert got.shape == (2, 3, 16, 16)
+    assert got.shape == (2, 3, 16, 16) and tokens.shape == (2, 4, 16)  # 16 px / f4 = 4x4 latent -> 2x2 tokens
     err = (got - want).abs().max().item()
     assert err < 1e-4, err
     assert (want.abs() < 1).float().mean() > 0.5  # the comparison is not all clamped
@@ -122,8 +122,8 @@ def test_encode_applies_encoder_norm_and_scale_shift(official, tmp_path):
     assert err < 1e-4, err
     # encoder_norm: each psz=2 patch of the mean is zero-mean, unit-variance over its 4 * 2^2 = 16 values
     unscaled = tokens / cfg["scaling_factor"] + cfg["shift_factor"]
-    torch.testing.assert_close(unscaled.mean(-1), torch.zeros(2, 16), atol=1e-4, rtol=0)
-    torch.testing.assert_close(unscaled.var(-1, unbiased=False), torch.ones(2, 16), atol=1e-3, rtol=0)
+    torch.testing.assert_close(unscaled.mean(-1), torch.zeros(2, 4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(unscaled.var(-1, unbiased=False), torch.ones(2, 4), atol=1e-3, rtol=0)
     # round trip: decode(encode(x)) is the reference decoder on the reference mean (scale/shift cancel)
     err = (tk.decode(tokens) - ref_decode(mean, sd, cfg).clamp(-1, 1)).abs().max().item()
     assert err < 1e-4, err
@@ -132,7 +132,7 @@ def test_encode_applies_encoder_norm_and_scale_shift(official, tmp_path):
 def test_encoder_norm_off_and_psz_one(tmp_path):
     folder, sd = write_official_vae_folder(tmp_path / "v", encoder_norm=False, psz=1, scaling_factor=1.0,
                                            shift_factor=0.0)
-    cfg = dict(encoder_norm=False, psz=1, ch_mult=[1, 2], num_res_blocks=1, z_channels=4)
+    cfg = dict(encoder_norm=False, psz=1, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4)
     vae = load_vae(folder, cache_dir=tmp_path / "cache")
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_generate_vae_flag_end_to_end(official, tmp_path, capsys):
     folder, _, _ = official
     generate = _launcher("generate").main
     args = ["--random-init", "--prompt", "a red circle", "--num-images", "1", "model.image.tokenizer=vae",
-            "model.image.channels=4", "model.image.vae_downsample=2", "model.image.resolution=16",
+            "model.image.channels=4", "model.image.vae_downsample=4", "model.image.resolution=16",
             "model.image.patch_size=2", "inference.num_steps=2", "model.ar.num_layers=1", "model.draft.num_layers=1",
             "model.head.depth=1"]
     with pytest.raises(SystemExit, match="NextStep-1-f8ch16-Tokenizer"):
