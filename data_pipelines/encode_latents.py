@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="brace pattern, directory or list file")
     p.add_argument("--out", required=True)
-    p.add_argument("--vae", required=True, help="local VAE folder for VAETokenizer.from_local")
+    p.add_argument("--vae", required=True, help="VAE folder: the official NextStep-1-f8ch16-Tokenizer (config.json + "
+                   "checkpoint.pt) or a diffusers AutoencoderKL folder (VAETokenizer.from_local)")
     p.add_argument("--preset", default="nextstep-1-large", help="config preset whose image settings to use")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)

@@ -1,8 +1,9 @@
 """open_clip models from local files, and GenEval's zero-shot colour classifier.
 
-`load_open_clip(model, checkpoint)`: `model` is an open_clip architecture name ("ViT-L-14") or a path to
-a model-config JSON (the shipped `assets/eval/shapes_clip.json`); `checkpoint` is a local state-dict file
-(open_clip accepts a file path as `pretrained`, `factory.py`). Nothing is downloaded.
+`load_open_clip(model, checkpoint, activation)`: `model` is an open_clip architecture name ("ViT-L-14") or a
+path to a model-config JSON (the shipped `assets/eval/shapes_clip.json`); `checkpoint` is a local file: an
+open_clip state dict, or OpenAI's own checkpoint (TorchScript archive or state dict). The activation is QuickGELU
+for OpenAI's weights and GELU otherwise unless forced (eval_suites/clip_weights.py). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from eval_suites.clip_weights import OPENAI_ONLY_KEYS, choose_quick_gelu, read_clip_state
 from eval_suites.geneval_rules import COLORS, Detection
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "eval"
@@ -29,6 +31,7 @@ class ClipBundle:
     preprocess: object   # PIL.Image -> (3, S, S) tensor
     tokenizer: object    # list[str] -> (n, context) token ids
     device: str
+    activation: str = "GELU"  # which activation the towers run, and why (goes into the results JSON)
 
 
 def resolve_clip_paths(model: str, checkpoint) -> tuple[str, object]:
@@ -38,8 +41,10 @@ def resolve_clip_paths(model: str, checkpoint) -> tuple[str, object]:
     return model, checkpoint
 
 
-def load_open_clip(model: str, checkpoint, device: str = "cpu", flag: str = "--clip-ckpt") -> ClipBundle:
-    """Build an open_clip model and load its weights from a local file; errors name `flag` when missing."""
+def load_open_clip(model: str, checkpoint, device: str = "cpu", flag: str = "--clip-ckpt",
+                   activation: str = "auto") -> ClipBundle:
+    """Build an open_clip model with the activation its weights were trained with and load them from a local
+    file; errors name `flag` when missing. `activation`: auto | quickgelu | gelu (clip_weights.choose_quick_gelu)."""
     if checkpoint is None:
         raise FileNotFoundError(f"no CLIP checkpoint given; pass {flag} PATH (a local open_clip state dict)")
     if not Path(checkpoint).is_file():
@@ -52,9 +57,33 @@ def load_open_clip(model: str, checkpoint, device: str = "cpu", flag: str = "--c
             raise FileNotFoundError(f"CLIP model config {model} does not exist; pass an existing --clip-model")
         open_clip.add_model_config(model)  # registers the config under its file stem
         name = Path(model).stem
-    net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(checkpoint), device=device)
-    net.eval()
-    return ClipBundle(net, preprocess, open_clip.get_tokenizer(name), device)
+    state, torchscript = read_clip_state(checkpoint)
+    quick, why = choose_quick_gelu(name, checkpoint, state, torchscript, activation)
+    # quick_gelu= overrides the named config either way (create_model's **model_kwargs win over the config)
+    net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, quick_gelu=quick)
+    load_clip_state(net, state, checkpoint, flag)
+    net.to(device).eval()
+    return ClipBundle(net, preprocess, open_clip.get_tokenizer(name), device, why)
+
+
+def load_clip_state(net: torch.nn.Module, state: dict, checkpoint, flag: str = "--clip-ckpt") -> None:
+    """Strictly load a state dict, massaged as open_clip's `load_checkpoint` does (OpenAI-only keys dropped, old
+    text-tower layout converted, logit_scale shape, position-embedding resize)."""
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    state = {k: v for k, v in state.items() if k not in OPENAI_ONLY_KEYS}
+    if "positional_embedding" in state and not hasattr(net, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    if "logit_scale" in state and state["logit_scale"].ndim != net.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(net.logit_scale.shape)
+    resize_pos_embed(state, net)
+    resize_text_pos_embed(state, net)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"CLIP checkpoint {checkpoint} does not fit the --clip-model architecture: "
+                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}; pass the "
+                         f"matching --clip-model for {flag}") from e
 
 
 @torch.no_grad()

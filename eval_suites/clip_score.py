@@ -4,6 +4,7 @@ torchmetrics (`functional/multimodal/clip_score.py`): per sample 100 * cos(E_ima
 score is max(mean, 0) -- the clamp is on the mean, not per sample (systems.md pitfall 8). The unclamped
 per-sample mean is reported too, since other repos (Pollux, DMD2) do not clamp. Model: open_clip from a
 local checkpoint (`--clip-model ViT-L-14 --clip-ckpt F`), or the shipped shapes CLIP (`--clip-model shapes`).
+OpenAI's weights run with QuickGELU, as they were trained (`--clip-act`, eval_suites/clip_weights.py).
 
     python -m eval_suites.clip_score generate --prompts P.jsonl --ckpt C --preset tiny --outdir OUT
     python -m eval_suites.clip_score score --images OUT --clip-model shapes --out R.json
@@ -20,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from eval_suites.clip_models import encode_images, encode_texts, load_open_clip, resolve_clip_paths
+from eval_suites.clip_weights import ACT_HELP, ACTIVATIONS
 from eval_suites.folders import read_generation_folder, read_metadata_jsonl
 from eval_suites.reporting import write_json, write_jsonl
 
@@ -37,7 +39,7 @@ def clip_score_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor) 
 
 def score(args) -> tuple[dict, list[dict]]:
     model, ckpt = resolve_clip_paths(args.clip_model, args.clip_ckpt)
-    bundle = load_open_clip(model, ckpt, device=args.device)
+    bundle = load_open_clip(model, ckpt, device=args.device, activation=args.clip_act)
     rows, img_emb, txt_emb = [], [], []
     for entry in tqdm(read_generation_folder(args.images), desc="clip score", unit="prompt"):
         if not entry.image_paths:
@@ -55,6 +57,7 @@ def score(args) -> tuple[dict, list[dict]]:
     res.update({"suite": "clip_score", "n_images": len(rows), "n_prompts": len({r["prompt_index"] for r in rows}),
                 "protocol": {"definition": "torchmetrics: max(mean_i 100*cos(E_img_i, E_txt_i), 0)",
                              "clip_model": str(model), "clip_ckpt": str(ckpt), "library": "open_clip",
+                             "clip_activation": bundle.activation,
                              "context_length": int(getattr(bundle.model, "context_length", 77)),
                              "images": str(args.images)}})
     return res, rows
@@ -79,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", required=True, help="generated folder (<idx>/metadata.jsonl + samples/)")
     s.add_argument("--clip-model", default="shapes",
                    help="open_clip architecture name (ViT-L-14), a model-config .json, or 'shapes' (shipped tiny CLIP)")
-    s.add_argument("--clip-ckpt", default=None, help="local open_clip state dict (required unless --clip-model shapes)")
+    s.add_argument("--clip-ckpt", default=None, help="local CLIP checkpoint: an open_clip state dict, or OpenAI's "
+                   "ViT-L-14.pt / state dict (required unless --clip-model shapes)")
+    s.add_argument("--clip-act", default="auto", choices=ACTIVATIONS, help=ACT_HELP)
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", required=True, help="results JSON (per-image JSONL and a histogram are written beside it)")
     return p

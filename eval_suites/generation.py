@@ -68,6 +68,18 @@ def pipeline_generator(ckpt: str, preset: str | None, mode: str, overrides: list
     return generate
 
 
+VAE_HELP = ("VAE folder for the generator, same as --set model.image.vae_path=DIR: the official "
+            "NextStep-1-f8ch16-Tokenizer (config.json + checkpoint.pt, converted and cached on first use) or a "
+            "diffusers AutoencoderKL folder; latent scale/shift come from its config")
+
+
+class _VaeOverride(argparse.Action):
+    """--vae DIR -> an entry `model.image.vae_path=DIR` in --set (a new list: argparse shares the default)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.set = [f"model.image.vae_path={value}", *(getattr(namespace, "set", None) or [])]
+
+
 def add_generate_args(parser: argparse.ArgumentParser, n_default: int) -> None:
     """The flags every suite's `generate` command shares."""
     parser.add_argument("--ckpt", required=True, help="checkpoint directory for load_pipeline")
@@ -82,6 +94,7 @@ def add_generate_args(parser: argparse.ArgumentParser, n_default: int) -> None:
                         "(keeps the task mix; for quick CPU runs)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for generation (0 = torch "
                         "default; 1 is fastest for the tiny presets)")
+    parser.add_argument("--vae", action=_VaeOverride, metavar="DIR", help=VAE_HELP)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="inference config override, e.g. --set inference.num_steps=25 (repeatable)")
 

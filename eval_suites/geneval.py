@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from eval_suites.clip_weights import ACT_HELP, ACTIVATIONS
 from eval_suites.folders import read_generation_folder, read_metadata_jsonl
 from eval_suites.geneval_rules import GenEvalRules, evaluate, select_detections, summarize
 from eval_suites.reporting import bar_plot, write_json, write_jsonl, write_parquet
@@ -53,7 +54,8 @@ def build_color_fn(args):
         return exact_colors, "exact palette colour (shapes domain)"
     from eval_suites.clip_models import ClipColorClassifier, load_open_clip, resolve_clip_paths
     model, ckpt = resolve_clip_paths(args.clip_model, args.clip_ckpt)
-    return ClipColorClassifier(load_open_clip(model, ckpt, args.device)), f"open_clip zero-shot ({model}, {ckpt})"
+    bundle = load_open_clip(model, ckpt, args.device, activation=args.clip_act)
+    return ClipColorClassifier(bundle), f"open_clip zero-shot ({model}, {ckpt}; {bundle.activation})"
 
 
 def score_image(path, metadata: dict, detector, color_fn, rules: GenEvalRules) -> dict:
@@ -118,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--colors", default=None, choices=["clip", "exact"],
                    help="colour classifier (default: clip for mask2former, exact for shapes)")
     s.add_argument("--clip-model", default="ViT-L-14", help="open_clip arch, model-config .json, or 'shapes'")
-    s.add_argument("--clip-ckpt", default=None, help="local open_clip state dict for the colour check")
+    s.add_argument("--clip-ckpt", default=None, help="local CLIP checkpoint for the colour check: OpenAI's ViT-L-14.pt "
+                   "(what official GenEval loads with pretrained='openai') or an open_clip state dict")
+    s.add_argument("--clip-act", default="auto", choices=ACTIVATIONS, help=ACT_HELP)
     s.add_argument("--options", nargs="*", default=[], help="rule overrides, e.g. threshold=0.3 counting_threshold=0.9")
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", required=True, help="results JSON (per-image .jsonl/.parquet and a .png plot beside it)")

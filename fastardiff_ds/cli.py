@@ -15,6 +15,21 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.steps=100 model.ar.num_layers=6")
 
 
+VAE_HELP = ("VAE folder, same as the override model.image.vae_path=DIR: the official NextStep-1-f8ch16-Tokenizer "
+            "(config.json + checkpoint.pt; converted to diffusers on first use and cached beside it, or under "
+            "~/.cache/fastardiff_ds/vae when read-only) or a diffusers AutoencoderKL folder. Latent scale/shift come "
+            "from its config unless model.image.scaling_factor / shift_factor are set")
+
+
+def add_vae_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vae", default=None, metavar="DIR", help=VAE_HELP)
+
+
+def vae_overrides(vae: str | None) -> list[str]:
+    """`--vae DIR` as a dotted override (empty when not given)."""
+    return [f"model.image.vae_path={vae}"] if vae else []
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     cfg = resolve_config(args.preset, args.config, args.overrides)
     if args.print_config:

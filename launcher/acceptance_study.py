@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fastardiff_ds.cli import add_vae_arg, vae_overrides
 from fastardiff_ds.data.shapes import eval_prompts
 from fastardiff_ds.inference import load_pipeline
 from fastardiff_ds.sampling.fidelity import acceptance_vs_fidelity
@@ -33,8 +34,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    add_vae_arg(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inference.student_final_std=0.3")
     a = p.parse_args(argv)
+    a.overrides = [*vae_overrides(a.vae), *a.overrides]
     torch.set_num_threads(a.threads)
     mode = "dmd" if a.head == "student" else "baseline"
     pipe = load_pipeline(a.ckpt, a.preset, mode, a.overrides)

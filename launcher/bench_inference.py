@@ -24,6 +24,7 @@ import dataclasses
 
 from fastardiff_ds.benchmark import (ModeResult, SectionTimer, flops_per_token, large_preset_split, markdown_table,
                                      parse_variant, sum_stats, summarize)
+from fastardiff_ds.cli import add_vae_arg, vae_overrides
 from fastardiff_ds.config import apply_overrides
 from fastardiff_ds.data.shapes import eval_prompts
 from fastardiff_ds.inference import MODES, Pipeline, load_pipeline
@@ -43,8 +44,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the tiny matmuls do not split)")
     p.add_argument("--json", default=None, help="write the results here")
+    add_vae_arg(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inference.gamma=6 inference.noise_level=1.5")
     a = p.parse_args(argv)
+    a.overrides = [*vae_overrides(a.vae), *a.overrides]
     rows = [(m, m, []) for m in a.modes] + [parse_variant(v, MODES) for v in a.variant]
     torch.set_num_threads(a.threads)
     prompts = ([l.strip() for l in Path(a.prompts_file).read_text().splitlines() if l.strip()] if a.prompts_file

@@ -4,6 +4,8 @@
         --mode baseline --out outputs/red_circle
     python launcher/generate.py --ckpt CKPT --prompts-file prompts.txt --mode fastardiff --out outputs/run
     python launcher/generate.py --preset tiny --random-init --prompt "a red circle" --out /tmp/x   # smoke test
+    python launcher/generate.py --ckpt weights/NextStep-1-Large --preset nextstep-1-large \
+        --vae weights/NextStep-1-f8ch16-Tokenizer --prompt "a corgi" --out outputs/corgi
 
 Writes one PNG per image plus grid.png and stats.json (forward counts, acceptance, seconds per image).
 Dotted overrides change sampling, e.g. `inference.num_steps=20 inference.cfg_scale=4`.
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fastardiff_ds.cli import add_vae_arg, vae_overrides
 from fastardiff_ds.config import resolve_config
 from fastardiff_ds.inference import MODES, Pipeline, load_pipeline, random_init_bundle
 from fastardiff_ds.visual import make_grid
@@ -37,8 +40,11 @@ def parse(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default; 1 is fastest "
                    "for the tiny preset, whose per-token matmuls are too small to split)")
+    add_vae_arg(p)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. inference.num_steps=20")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.overrides = [*vae_overrides(a.vae), *a.overrides]
+    return a
 
 
 def main(argv=None):
@@ -53,12 +59,15 @@ def main(argv=None):
     if a.ckpt is None and not a.random_init:
         sys.exit("error: no --ckpt given. Pass --ckpt PATH (e.g. assets/tiny_teacher), or --random-init to run "
                  "randomly initialised weights (the images will be noise)")
-    if a.random_init:
-        cfg = resolve_config(a.preset or "tiny", overrides=a.overrides)
-        pipe = Pipeline(random_init_bundle(cfg, a.seed), a.mode)
-        print("NOTE: --random-init: randomly initialised weights, the images are noise, not a trained model")
-    else:
-        pipe = load_pipeline(a.ckpt, a.preset, a.mode, a.overrides)
+    try:
+        if a.random_init:
+            cfg = resolve_config(a.preset or "tiny", overrides=a.overrides)
+            pipe = Pipeline(random_init_bundle(cfg, a.seed), a.mode)
+            print("NOTE: --random-init: randomly initialised weights, the images are noise, not a trained model")
+        else:
+            pipe = load_pipeline(a.ckpt, a.preset, a.mode, a.overrides)
+    except FileNotFoundError as e:  # a missing checkpoint / VAE / tokenizer: the message names the fix
+        sys.exit(f"error: {e}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(p, a.seed + i * a.num_images + j) for i, p in enumerate(prompts) for j in range(a.num_images)]

@@ -43,7 +43,8 @@ class ImageConfig:
     """How images become continuous tokens.
 
     `pixel`: patches of the RGB image in [-1, 1] (tiny preset). `vae`: NextStep-1's Flux-style f8/16-channel
-    AutoencoderKL latents, normalised as (z - shift) * scale, then patchified.
+    AutoencoderKL latents, normalised as (z - shift) * scale, then patchified. `vae_path`: the official
+    `NextStep-1-f8ch16-Tokenizer` folder (config.json + checkpoint.pt) or a diffusers AutoencoderKL folder / file.
     """
 
     tokenizer: str = "pixel"  # pixel | vae
@@ -52,8 +53,8 @@ class ImageConfig:
     channels: int = 3  # 3 for pixels, 16 for the VAE latent
     vae_path: str = ""
     vae_downsample: int = 8
-    scaling_factor: float = 1.0
-    shift_factor: float = 0.0
+    scaling_factor: float | None = None  # None: the VAE config's (official config.json / diffusers config)
+    shift_factor: float | None = None  # latents are (z - shift) * scale
     token_layernorm: bool = False  # NextStep-1 `use_norm`: layer_norm(token) after sampling
 
     @property
