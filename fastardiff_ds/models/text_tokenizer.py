@@ -139,10 +139,19 @@ def load_text_tokenizer(cfg: TextConfig) -> TextTokenizer:
             tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t != PAD],
                                     "pad_token": PAD})
         vocab = tok.get_vocab()
-        tok.add_eos_token = False  # as the official pipelines (Llama-style tokenizers may append EOS otherwise)
         return TextTokenizer(cfg, lambda s: tok.encode(s, add_special_tokens=False), vocab.get, len(tok), str(path),
-                             call=lambda s: tok(s, add_special_tokens=True).input_ids, bos_token=tok.bos_token)
+                             call=lambda s: _hf_call(tok, s), bos_token=tok.bos_token)
     raise ValueError(f"model.text.tokenizer='{cfg.tokenizer}' is not one of: sentencepiece, hf")
+
+
+def _hf_call(tok, text: str) -> list[int]:
+    """`tok(text, add_special_tokens=True).input_ids` without a trailing EOS (the official pipelines set
+    `add_eos_token = False`; we drop the EOS instead, since transformers 5 rebuilds the BOS template on that set)."""
+    ids = tok(text, add_special_tokens=True).input_ids
+    eos = tok.eos_token_id
+    if eos is not None and len(ids) > 0 and ids[-1] == eos and not text.endswith(str(tok.eos_token)):
+        ids = ids[:-1]
+    return ids
 
 
 def resolve_asset(path: str) -> str:
