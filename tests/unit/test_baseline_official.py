@@ -46,4 +46,7 @@ def test_sd_refuses_the_nextstep_1_sampler_but_takes_1_1():
     with pytest.raises(ValueError, match="nextstep-1.1"):
         Pipeline(bundle_with(["inference.sampler=nextstep"]), "sd")
     pipe = Pipeline(bundle_with(["inference.sampler=nextstep-1.1", "inference.noise_level=0.9"]), "sd")
+    assert pipe.inf.noise_level == 0.9 and isinstance(pipe.inf.noise_level, float)  # `float | None` parses
     assert pipe.teacher_flow(pipe.bundle.draft).sampler.noise_level == 0.9
+    apply_overrides(pipe.bundle.cfg, ["inference.noise_level=none"])
+    assert pipe.teacher_flow(pipe.bundle.draft).sampler.noise_level == 0.8  # unset: the sampler's own default
