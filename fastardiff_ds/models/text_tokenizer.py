@@ -90,8 +90,8 @@ class TextTokenizer:
 
     def caption_ids(self, text: str, strict: bool = True) -> list[int]:
         """The caption's ids (with the tokenizer's BOS); text over `max_length` raises (strict) or is truncated."""
-        style_bos = self.bos_token if self.cfg.prompt_style == "nextstep-1.1" and self.bos_token is not None else ""
-        ids = self._call(style_bos + text)
+        bos_text = self.cfg.prompt_style == "nextstep-1.1" and self.bos_token is not None
+        ids = self._call((self.bos_token if bos_text else "") + text)
         lead = 0
         while self.bos_id is not None and lead < len(ids) and ids[lead] == self.bos_id:
             lead += 1  # BOS tokens do not count against the text limit

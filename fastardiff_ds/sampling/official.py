@@ -119,5 +119,5 @@ def resolve_noise_level(sampler: str, noise_level: float | None) -> float:
     return DEFAULT_NOISE_LEVEL.get(sampler, 1.0) if noise_level is None else float(noise_level)
 
 
-__all__ = ["check_mode_sampler", "resolve_noise_level", "DEFAULT_NOISE_LEVEL", "LAST_STEP_SIZE", "OFFICIAL_KINDS", "check_official", "nextstep_grid",
-           "nextstep_mean", "nextstep_stds"]
+__all__ = ["DEFAULT_NOISE_LEVEL", "LAST_STEP_SIZE", "OFFICIAL_KINDS", "check_mode_sampler", "check_official",
+           "nextstep_grid", "nextstep_mean", "nextstep_stds", "resolve_noise_level"]
