@@ -17,7 +17,7 @@ from .sampling.common import ARFlow, GenerationResult
 from .sampling.flow import SamplerConfig
 from .sampling.guidance import CFGConfig
 from .sampling.noise import make_generators
-from .sampling.official import check_mode_sampler, resolve_noise_level
+from .sampling.official import check_mode_settings, resolve_noise_level
 from .visual import to_pil
 
 MODES = ("baseline", "sd", "dmd", "fastardiff")
@@ -40,7 +40,7 @@ class Pipeline:
         if mode in ("sd", "fastardiff") and bundle.draft is None:
             raise ValueError(f"mode '{mode}' needs a draft AR (draft.safetensors) in the checkpoint: train one "
                              "with launcher/train_t2i.py, or use --mode baseline / dmd")
-        check_mode_sampler(mode, bundle.cfg.inference.sampler)
+        check_mode_settings(mode, bundle.cfg.inference.sampler, bundle.cfg.inference.negative_prompt)
         self.stats = []
 
     @property

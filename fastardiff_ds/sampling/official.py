@@ -93,22 +93,29 @@ def check_official(kind: str, num_steps: int, noise_level: float, time_shift: fl
         raise ValueError(f"sampler 'nextstep-1.1': noise_level={noise_level} must be finite")
 
 
-def check_mode_sampler(mode: str, sampler: str) -> None:
+def check_mode_settings(mode: str, sampler: str, negative_prompt: str = "") -> None:
     """Which inference modes can use which teacher sampler; raises (sd + nextstep) or warns (student modes).
 
     `inference.sampler` drives the teacher head: baseline (every kind) and sd (Gaussian chains with noise on every
     step: sde, nextstep-1.1). NextStep-1's `nextstep` ends with a deterministic step, so a token has no trajectory
     density and exact speculative verification cannot use it: refused. dmd / fastardiff sample with the student's
-    few-step consistency chain and ignore `inference.sampler`.
+    few-step consistency chain and ignore `inference.sampler`; their CFG-distilled student has no unconditional
+    rows: the negative prompt acts through distillation only (the DMD teacher's unconditional rows use the training
+    run's `inference.negative_prompt`), so changing it at inference has no effect (logged).
     """
+    import logging
+    import warnings
+
     if mode == "sd" and sampler == "nextstep":
         raise ValueError("inference.sampler=nextstep (NextStep-1's sampler) ends with a deterministic Euler step, so a "
                          "token has no trajectory density and exact speculative decoding (--mode sd) cannot verify "
                          "it: use inference.sampler=nextstep-1.1 (the NextStep-1.1 SDE, noise on every step) or sde, "
                          "or --mode baseline for the official NextStep-1 sampler")
+    if mode in ("dmd", "fastardiff") and negative_prompt:
+        logging.getLogger(__name__).info(
+            "mode %r: the CFG-distilled student runs no unconditional rows; the negative prompt acts only through "
+            "distillation (the DMD teacher used the training run's inference.negative_prompt)", mode)
     if mode in ("dmd", "fastardiff") and sampler != "sde":
-        import warnings
-
         warnings.warn(f"inference.sampler={sampler} applies to the teacher head (modes baseline and sd); mode "
                       f"{mode!r} samples with the distilled student's consistency chain (inference.student_steps)",
                       stacklevel=3)
@@ -119,5 +126,5 @@ def resolve_noise_level(sampler: str, noise_level: float | None) -> float:
     return DEFAULT_NOISE_LEVEL.get(sampler, 1.0) if noise_level is None else float(noise_level)
 
 
-__all__ = ["DEFAULT_NOISE_LEVEL", "LAST_STEP_SIZE", "OFFICIAL_KINDS", "check_mode_sampler", "check_official",
+__all__ = ["DEFAULT_NOISE_LEVEL", "LAST_STEP_SIZE", "OFFICIAL_KINDS", "check_mode_settings", "check_official",
            "nextstep_grid", "nextstep_mean", "nextstep_stds", "resolve_noise_level"]

@@ -14,7 +14,7 @@ from fastardiff_ds.models.flow_head import token_layernorm
 from fastardiff_ds.sampling.flow import SamplerConfig, require_density, sample_tokens, transition_means
 from fastardiff_ds.sampling.guidance import CFGConfig, VelocityField, guidance_scale
 from fastardiff_ds.sampling.noise import make_generators, randn
-from fastardiff_ds.sampling.official import check_mode_sampler
+from fastardiff_ds.sampling.official import check_mode_settings
 
 D, C = 6, 8
 
@@ -121,11 +121,12 @@ def test_density_and_mode_rules():
     with pytest.raises(ValueError, match="nextstep-1.1"):
         require_density(SamplerConfig("nextstep", 8))
     with pytest.raises(ValueError, match="--mode baseline"):
-        check_mode_sampler("sd", "nextstep")
-    check_mode_sampler("sd", "nextstep-1.1")
-    check_mode_sampler("baseline", "nextstep")
+        check_mode_settings("sd", "nextstep")
+    check_mode_settings("sd", "nextstep-1.1")
+    check_mode_settings("baseline", "nextstep")
     with pytest.warns(UserWarning, match="student"):
-        check_mode_sampler("fastardiff", "nextstep")
+        check_mode_settings("fastardiff", "nextstep")
+    check_mode_settings("dmd", "sde", "lowres")  # logged, not an error
     with pytest.raises(ValueError, match="no noise level"):
         SamplerConfig("nextstep", 8, noise_level=0.8)
     with pytest.raises(ValueError, match="num_steps >= 2"):
