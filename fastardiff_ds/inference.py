@@ -11,11 +11,13 @@ import torch
 
 from .config import Config, apply_overrides
 from .models import ModelBundle, build_image_tokenizer, load_pretrained, load_text_tokenizer, resolve_asset
+from .models.text_tokenizer import cfg_captions
 from .sampling.ar_loop import generate_ar
 from .sampling.common import ARFlow, GenerationResult
 from .sampling.flow import SamplerConfig
 from .sampling.guidance import CFGConfig
 from .sampling.noise import make_generators
+from .sampling.official import check_mode_settings, resolve_noise_level
 from .visual import to_pil
 
 MODES = ("baseline", "sd", "dmd", "fastardiff")
@@ -38,6 +40,7 @@ class Pipeline:
         if mode in ("sd", "fastardiff") and bundle.draft is None:
             raise ValueError(f"mode '{mode}' needs a draft AR (draft.safetensors) in the checkpoint: train one "
                              "with launcher/train_t2i.py, or use --mode baseline / dmd")
+        check_mode_settings(mode, bundle.cfg.inference.sampler, bundle.cfg.inference.negative_prompt)
         self.stats = []
         self.compiler = None
         if self.inf.compile:
@@ -51,7 +54,8 @@ class Pipeline:
 
     def teacher_flow(self, ar) -> ARFlow:
         inf = self.inf
-        sampler = SamplerConfig(inf.sampler, inf.num_steps, inf.noise_level, inf.time_shift)
+        sampler = SamplerConfig(inf.sampler, inf.num_steps, resolve_noise_level(inf.sampler, inf.noise_level),
+                                inf.time_shift)
         cfg = CFGConfig(inf.cfg_scale, inf.cfg_schedule, "two_pass" if inf.cfg_scale != 1.0 else "none")
         return self._compiled(ARFlow(ar, self.bundle.head, sampler, cfg, self.bundle.cfg.model.image.token_layernorm))
 
@@ -65,12 +69,16 @@ class Pipeline:
         return self._compiled(ARFlow(ar, self.bundle.student, sampler, cfg,
                                      self.bundle.cfg.model.image.token_layernorm))
 
+    def prompt_batch(self, prompts: list[str], cfg_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of the B prompts (+ B negative-prompt rows for two-pass CFG), as NextStep builds them."""
+        captions = cfg_captions(list(prompts), cfg_rows, self.inf.positive_prompt, self.inf.negative_prompt)
+        return self.text.batch(captions, self.bundle.cfg.model.image.grid)
+
     def generate_tokens(self, prompts: list[str], seeds: list[int]) -> GenerationResult:
         grid, n = self.bundle.cfg.model.image.grid, self.bundle.cfg.model.image.num_tokens
         target = self.bundle.target
         flow = self.student_flow(target) if self.mode in ("dmd", "fastardiff") else self.teacher_flow(target)
-        texts = list(prompts) + ([""] * len(prompts) if flow.cfg.batch_mult == 2 else [])
-        ids, mask = self.text.batch(texts, grid)
+        ids, mask = self.prompt_batch(prompts, flow.cfg.batch_mult == 2)
         gens = make_generators(seeds, "cpu")
         ids, mask = ids.to(self.device), mask.to(self.device)
         if self.mode in ("baseline", "dmd"):

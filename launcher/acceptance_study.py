@@ -49,8 +49,7 @@ def main(argv=None):
     tokens = pipe.generate_tokens(prompts, seeds).tokens  # the target's own samples: in-distribution prefixes
     flow_of = pipe.student_flow if a.head == "student" else pipe.teacher_flow
     target, draft = flow_of(pipe.bundle.target), flow_of(pipe.bundle.draft)
-    texts = prompts + ([""] * len(prompts) if target.cfg.batch_mult == 2 else [])
-    ids, mask = pipe.text.batch(texts, pipe.bundle.cfg.model.image.grid)
+    ids, mask = pipe.prompt_batch(prompts, target.cfg.batch_mult == 2)
     points = acceptance_vs_fidelity(target, draft, ids.to(tokens.device), mask.to(tokens.device), tokens, a.mixes,
                                     a.rules, a.cspd_inner_temperature, a.seed)
     gamma = pipe.bundle.cfg.inference.gamma
@@ -62,7 +61,7 @@ def main(argv=None):
         print(f"{r['mix']:5.2f} {r['cosine']:8.4f} {r['rel_error']:8.4f} {cols}")
     inf = pipe.bundle.cfg.inference
     out = {"ckpt": a.ckpt, "head": a.head, "num_prompts": len(prompts), "tokens": int(tokens.shape[0] * tokens.shape[1]),
-           "gamma": gamma, "student_final_std": inf.student_final_std, "noise_level": inf.noise_level,
+           "gamma": gamma, "student_final_std": inf.student_final_std, "noise_level": target.sampler.noise_level,
            "num_steps": inf.num_steps if a.head == "teacher" else inf.student_steps,
            "cspd_inner_temperature": a.cspd_inner_temperature, "points": rows}
     if a.json:

@@ -13,6 +13,7 @@ Dotted overrides change sampling, e.g. `inference.num_steps=20 inference.cfg_sca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -82,7 +83,8 @@ def main(argv=None):
     make_grid(images, [p for p, _ in jobs], cols=a.num_images, scale=max(1, 128 // images[0].width),
               caption_height=12).save(out / "grid.png")
     stats = {"mode": a.mode, "images": len(images), "seconds_per_image": seconds / len(images),
-             "random_init": bool(a.random_init), "decode": [s.as_dict() for s in pipe.stats]}
+             "random_init": bool(a.random_init), "inference": dataclasses.asdict(pipe.inf),  # every sampling knob
+             "decode": [s.as_dict() for s in pipe.stats]}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps({k: v for k, v in stats.items() if k != "decode"}))
     print(f"wrote {len(images)} images and grid.png to {out}")

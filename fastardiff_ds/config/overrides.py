@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ def parse_value(raw: str, typ: Any, key: str) -> Any:
     """Parse a CLI string into the field's declared type."""
     origin = typing.get_origin(typ)
     args = [a for a in typing.get_args(typ) if a is not type(None)]
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] and X | None
         if raw.lower() in ("none", "null"):
             return None
         return parse_value(raw, args[0], key)

@@ -77,6 +77,7 @@ class TextConfig:
     path: str = "assets/tokenizer/shapes_sp.model"
     max_length: int = 32  # text tokens, before the <image_area> h*w <boi> suffix
     add_special_tokens: bool = False  # hf only: add NextStep-1's special tokens to a plain LM tokenizer
+    prompt_style: str = "nextstep-1"  # nextstep-1 | nextstep-1.1 (the 1.1 pipelines prepend the BOS text)
 
 
 @dataclass
@@ -121,12 +122,14 @@ class PretrainConfig:
 class InferenceConfig:
     """How images are sampled (launcher/generate.py, eval suites, bench_inference.py)."""
 
-    sampler: str = "sde"  # sde | ode (teacher head)
-    num_steps: int = 50  # teacher head steps per token (NextStep-1: 50)
-    noise_level: float = 1.0  # SDE eta; speculative acceptance rises with it (DESIGN.md §4)
-    time_shift: float = 1.0
+    sampler: str = "sde"  # teacher head: sde | ode | nextstep (official 1.0, baseline only) | nextstep-1.1
+    num_steps: int = 50  # teacher head evaluations per token (official num_sampling_steps; NextStep-1: 50)
+    noise_level: float | None = None  # sde / nextstep-1.1 eta; None = the sampler's own (sde 1.0, nextstep-1.1 0.8)
+    time_shift: float = 1.0  # official timesteps_shift
     cfg_scale: float = 5.0
-    cfg_schedule: str = "constant"  # constant | linear
+    cfg_schedule: str = "constant"  # constant | linear (official: falls from cfg_scale) | linear-rising
+    positive_prompt: str = ""  # appended to every prompt after a space (official positive_prompt)
+    negative_prompt: str = ""  # the unconditional CFG rows' text ("" = plain unconditional)
     student_steps: int = 2  # few-step student head (dmd / fastardiff modes)
     student_final_std: float = 0.02  # > 0 so the student chain has a density (exact verification)
     gamma: int = 4  # draft length (the most tokens drafted per round)

@@ -15,6 +15,18 @@ from torch import nn
 from ..config.schema import HeadConfig
 
 
+TOKEN_NORM_EPS = 1e-6  # NextStep-1 pipeline `layer_norm(..., eps=1e-6)` (also vLLM-Omni's NextStep-1.1)
+
+
+def token_layernorm(x: torch.Tensor) -> torch.Tensor:
+    """NextStep-1 `use_norm`: the sampled token (..., D) normalised over D, no affine, eps 1e-6.
+
+    The official pipelines apply `F.layer_norm(token, token.shape[1:], None, None, 1e-6)` to each sampled token
+    before it is emitted and fed back (`pipeline_nextstep.py: decoding`); torch's default eps (1e-5) differs.
+    """
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], None, None, TOKEN_NORM_EPS)
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 

@@ -1,12 +1,23 @@
-"""Text tokenizers and NextStep-1's prompt layout.
+"""Text tokenizers and NextStep-1's prompt layout, built as the official pipelines build it.
 
-A prompt becomes `text · <|image_area|> h*w · <|begin_of_image|>` (left-padded with [PAD] in a batch); the image
-tokens follow. The tiny preset uses a sentencepiece model trained on the synthetic captions
-(`assets/tokenizer/shapes_sp.model`, made by `data_pipelines/train_tokenizer.py`); real presets use
-`transformers.AutoTokenizer` from a local folder.
+Official steps (stepfun-ai/NextStep-1 `pipeline_nextstep.py`: `_build_captions`, `generate_image`, `_add_prefix_ids`):
+1. caption = f"{prompt} {positive_prompt}" when a positive prompt is given; the unconditional CFG rows are the
+   negative prompt ("" by default), appended after the B conditional rows;
+2. caption ids = tokenizer(caption, add_special_tokens=True) -- the BOS the tokenizer itself adds, if any. The
+   NextStep-1.1 pipelines (the repo's `inference/gen_pipeline.py`, vLLM-Omni `pipeline_nextstep_1_1.py`) first
+   prepend the `bos_token` text to the caption (`model.text.prompt_style=nextstep-1.1`);
+3. prefix ids = tokenizer("<|image_area|>" + f"{h}*{w}", add_special_tokens=True), minus its first token whenever
+   the tokenizer has a `bos_token` (the official code drops it unconditionally), then `<|begin_of_image|>`;
+4. rows are left-padded with [PAD] (mask 0) to the longest, and the image tokens follow.
+So a Llama-style tokenizer (adds BOS) gives `<bos> text <|image_area|> h*w <|begin_of_image|>`; one without BOS
+gives `text <|image_area|> h*w <|begin_of_image|>`. The tiny preset uses a sentencepiece model trained on the
+synthetic captions (`assets/tokenizer/shapes_sp.model`, made by `data_pipelines/train_tokenizer.py`; no BOS); real
+presets use `transformers.AutoTokenizer` from a local folder.
 """
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +27,18 @@ from ..config.schema import TextConfig
 PAD, IMAGE_AREA, BOI, EOI, PLACEHOLDER = (
     "[PAD]", "<|image_area|>", "<|begin_of_image|>", "<|end_of_image|>", "<|image_placeholder|>")
 SPECIAL_TOKENS = (PAD, IMAGE_AREA, BOI, EOI, PLACEHOLDER)
+PROMPT_STYLES = ("nextstep-1", "nextstep-1.1")
+log = logging.getLogger(__name__)
+
+
+def cfg_captions(prompts: list[str], cfg_rows: bool, positive_prompt: str = "", negative_prompt: str = "") -> list[str]:
+    """The caption of every AR row: B conditional rows, then (two-pass CFG) B unconditional rows.
+
+    As NextStep-1 `_build_captions`: a non-empty positive prompt is appended after a space; the unconditional
+    rows are the negative prompt ("" = plain unconditional).
+    """
+    captions = [f"{p} {positive_prompt}" if positive_prompt else p for p in prompts]
+    return captions + ([negative_prompt] * len(captions) if cfg_rows else [])
 
 
 class PromptTooLong(ValueError):
@@ -25,8 +48,17 @@ class PromptTooLong(ValueError):
 class TextTokenizer:
     """Common prompt logic over a backend exposing `encode(str) -> list[int]` and `token_id(str) -> int | None`."""
 
-    def __init__(self, cfg: TextConfig, encode, token_id, vocab_size: int, source: str):
+    def __init__(self, cfg: TextConfig, encode, token_id, vocab_size: int, source: str, call=None,
+                 bos_token: str | None = None):
+        """encode: text -> ids of the plain text; call: text -> ids as the official `tokenizer(text,
+        add_special_tokens=True).input_ids` (special-token strings map to their ids, the tokenizer's own BOS is
+        added); default: `encode` between special tokens. bos_token: the tokenizer's BOS text, None if it has none."""
+        if cfg.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"model.text.prompt_style={cfg.prompt_style!r}: choose one of {PROMPT_STYLES}")
         self.cfg, self._encode, self.vocab_size = cfg, encode, vocab_size
+        self._call = call or self._split_specials
+        self.bos_token, self.bos_id = bos_token, (token_id(bos_token) if bos_token is not None else None)
+        self._warned = False
         missing = [t for t in SPECIAL_TOKENS if token_id(t) is None]
         if missing:
             raise ValueError(f"text tokenizer '{source}' lacks NextStep-1's special tokens {missing}: use a tokenizer "
@@ -38,17 +70,42 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
 
-    def prompt_ids(self, text: str, grid: int, strict: bool = True) -> list[int]:
-        """Ids of `text <|image_area|> grid*grid <|begin_of_image|>`; text over `max_length` raises (strict) or is
-        truncated (training)."""
-        ids = self.encode(text)
-        if len(ids) > self.cfg.max_length:
+    def _split_specials(self, text: str) -> list[int]:
+        parts = re.split("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")", text)
+        ids = {t: i for t, i in zip(SPECIAL_TOKENS, (self.pad_id, self.image_area_id, self.boi_id, self.eoi_id,
+                                                     self.placeholder_id))}
+        return [i for p in parts if p for i in ([ids[p]] if p in ids else self.encode(p))]
+
+    def prefix_ids(self, grid: int) -> list[int]:
+        """`<|image_area|> h*w <|begin_of_image|>` as the official `_add_prefix_ids` builds it."""
+        ids = self._call(f"{IMAGE_AREA}{grid}*{grid}")
+        if self.bos_token is not None:  # official: drop the first token whenever the tokenizer has a bos_token
+            if ids[0] != self.bos_id and not self._warned:
+                self._warned = True
+                log.warning("text tokenizer has bos_token %r but does not add it: the official NextStep pipeline "
+                            "drops the first prefix token (%d) anyway, and so do we to match its prompts",
+                            self.bos_token, ids[0])
+            ids = ids[1:]
+        return ids + [self.boi_id]
+
+    def caption_ids(self, text: str, strict: bool = True) -> list[int]:
+        """The caption's ids (with the tokenizer's BOS); text over `max_length` raises (strict) or is truncated."""
+        bos_text = self.cfg.prompt_style == "nextstep-1.1" and self.bos_token is not None
+        ids = self._call((self.bos_token if bos_text else "") + text)
+        lead = 0
+        while self.bos_id is not None and lead < len(ids) and ids[lead] == self.bos_id:
+            lead += 1  # BOS tokens do not count against the text limit
+        if len(ids) - lead > self.cfg.max_length:
             if strict:
-                raise PromptTooLong(f"prompt has {len(ids)} text tokens, over model.text.max_length="
+                raise PromptTooLong(f"prompt has {len(ids) - lead} text tokens, over model.text.max_length="
                                     f"{self.cfg.max_length}: shorten the prompt or raise model.text.max_length "
                                     f"(the model was trained with that limit): {text[:80]!r}")
-            ids = ids[: self.cfg.max_length]
-        return ids + [self.image_area_id] + self.encode(f"{grid}*{grid}") + [self.boi_id]
+            ids = ids[: lead + self.cfg.max_length]
+        return ids
+
+    def prompt_ids(self, text: str, grid: int, strict: bool = True) -> list[int]:
+        """Ids of `[<bos>] text <|image_area|> grid*grid <|begin_of_image|>` (module docstring: official steps)."""
+        return self.caption_ids(text, strict) + self.prefix_ids(grid)
 
     def batch(self, texts: list[str], grid: int, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (ids (B,T), attention_mask (B,T)) for a list of prompts."""
@@ -73,7 +130,7 @@ def load_text_tokenizer(cfg: TextConfig) -> TextTokenizer:
         sp = spm.SentencePieceProcessor(model_file=str(path))
         unk = sp.unk_id()
         token_id = lambda t: (lambda i: None if i == unk else i)(sp.piece_to_id(t))  # noqa: E731
-        return TextTokenizer(cfg, lambda s: sp.encode(s), token_id, sp.get_piece_size(), str(path))
+        return TextTokenizer(cfg, lambda s: sp.encode(s), token_id, sp.get_piece_size(), str(path))  # no BOS
     if cfg.tokenizer == "hf":
         from transformers import AutoTokenizer
 
@@ -82,8 +139,19 @@ def load_text_tokenizer(cfg: TextConfig) -> TextTokenizer:
             tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t != PAD],
                                     "pad_token": PAD})
         vocab = tok.get_vocab()
-        return TextTokenizer(cfg, lambda s: tok.encode(s, add_special_tokens=False), vocab.get, len(tok), str(path))
+        return TextTokenizer(cfg, lambda s: tok.encode(s, add_special_tokens=False), vocab.get, len(tok), str(path),
+                             call=lambda s: _hf_call(tok, s), bos_token=tok.bos_token)
     raise ValueError(f"model.text.tokenizer='{cfg.tokenizer}' is not one of: sentencepiece, hf")
+
+
+def _hf_call(tok, text: str) -> list[int]:
+    """`tok(text, add_special_tokens=True).input_ids` without a trailing EOS (the official pipelines set
+    `add_eos_token = False`; we drop the EOS instead, since transformers 5 rebuilds the BOS template on that set)."""
+    ids = tok(text, add_special_tokens=True).input_ids
+    eos = tok.eos_token_id
+    if eos is not None and len(ids) > 0 and ids[-1] == eos and not text.endswith(str(tok.eos_token)):
+        ids = ids[:-1]
+    return ids
 
 
 def resolve_asset(path: str) -> str:

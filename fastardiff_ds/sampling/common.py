@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from ..models.flow_head import token_layernorm
 from .flow import SamplerConfig, Trajectory, sample_tokens
 from .guidance import CFGConfig, HeadCounter, VelocityField, guidance_scale
 from .noise import randn
@@ -37,7 +37,7 @@ class ARFlow:
 
     def finalize(self, x: torch.Tensor) -> torch.Tensor:
         """The token emitted and fed back to the AR from a chain's last state (..., D)."""
-        return F.layer_norm(x, x.shape[-1:]) if self.token_layernorm else x
+        return token_layernorm(x) if self.token_layernorm else x
 
 
 def ar_rows(x: torch.Tensor, mult: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ has a density -- the thing exact speculative decoding (DESIGN.md §4) compares b
 - `consistency` (few-step student): x1_hat = x + (1 - t_k) v; m = t_{k+1} x1_hat, s = 1 - t_{k+1}; the last step
   (t_K = 1) has m = x1_hat and s = `final_std`, which must be > 0 for the chain to have a density.
 Timestep shift (NextStep-1): t -> t / (s - (s - 1) t) on linspace(0, 1, K + 1).
+- `nextstep` / `nextstep-1.1`: the official NextStep-1 / NextStep-1.1 samplers on their own grids
+  (sampling/official.py); `nextstep` ends with a deterministic Euler step (std 0: baseline only).
 """
 from __future__ import annotations
 
@@ -20,14 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("sde", "ode", "consistency")
+from .official import OFFICIAL_KINDS, check_official, nextstep_grid, nextstep_mean, nextstep_stds
+
+KINDS = ("sde", "ode", "consistency") + OFFICIAL_KINDS
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    kind: str = "sde"  # sde | ode | consistency
+    kind: str = "sde"  # sde | ode | consistency | nextstep | nextstep-1.1
     num_steps: int = 50
-    noise_level: float = 1.0  # eta of the sde sampler
+    noise_level: float = 1.0  # eta of the sde / nextstep-1.1 samplers (official 1.1: 0.8)
     time_shift: float = 1.0  # NextStep-1 shift s: t/(s-(s-1)t)
     final_std: float = 0.0  # consistency: std of the last transition (must be > 0 for speculative decoding)
     timesteps: tuple[float, ...] | None = None  # explicit grid 0 = t_0 < ... < t_K = 1 (overrides num_steps/shift)
@@ -41,6 +45,10 @@ class SamplerConfig:
             raise ValueError("SamplerConfig.noise_level and final_std must be >= 0")
         if self.time_shift <= 0:
             raise ValueError(f"SamplerConfig.time_shift={self.time_shift} must be > 0 (1.0 = no shift)")
+        if self.kind in OFFICIAL_KINDS:
+            if self.timesteps is not None:
+                raise ValueError(f"SamplerConfig(kind={self.kind!r}) uses the official grid: drop `timesteps`")
+            check_official(self.kind, self.num_steps, self.noise_level, self.time_shift)
         if self.timesteps is not None:
             ts = list(self.timesteps)
             ok = len(ts) >= 2 and ts[0] == 0.0 and ts[-1] == 1.0 and all(a < b for a, b in zip(ts, ts[1:]))
@@ -56,6 +64,8 @@ class SamplerConfig:
 
 def time_grid(cfg: SamplerConfig, device=None, dtype=torch.float32) -> torch.Tensor:
     """(K+1,) grid from 0 (noise) to 1 (data), shifted by `time_shift`."""
+    if cfg.kind in OFFICIAL_KINDS:
+        return nextstep_grid(cfg.kind, cfg.num_steps, cfg.time_shift).to(device=device, dtype=dtype)
     if cfg.timesteps is not None:
         return torch.tensor(cfg.timesteps, dtype=torch.float64).to(device=device, dtype=dtype)
     t = torch.linspace(0.0, 1.0, cfg.num_steps + 1, dtype=torch.float64)
@@ -67,7 +77,9 @@ def transition_stds(cfg: SamplerConfig, device=None, dtype=torch.float32) -> tor
     """(K,) transition stds s_k; they depend on the grid only, never on the model or the state."""
     g = time_grid(cfg, dtype=torch.float64)
     t, dt = g[:-1], g[1:] - g[:-1]
-    if cfg.kind == "sde":
+    if cfg.kind in OFFICIAL_KINDS:
+        s = nextstep_stds(cfg.kind, g, cfg.noise_level)
+    elif cfg.kind == "sde":
         s = cfg.noise_level * torch.sqrt(2.0 * (1.0 - t) * dt)
     elif cfg.kind == "ode":
         s = torch.zeros_like(t)
@@ -80,6 +92,8 @@ def transition_stds(cfg: SamplerConfig, device=None, dtype=torch.float32) -> tor
 def transition_mean(cfg: SamplerConfig, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
                     t_next: torch.Tensor) -> torch.Tensor:
     """m_k(x) for states x (N,D) with velocity v (N,D) at times t (N,) stepping to t_next (N,)."""
+    if cfg.kind in OFFICIAL_KINDS:
+        return nextstep_mean(cfg.kind, time_grid(cfg, dtype=torch.float64), cfg.noise_level, x, v, t, t_next)
     t, t_next = t[:, None].to(x.dtype), t_next[:, None].to(x.dtype)
     dt = t_next - t
     if cfg.kind == "ode":
@@ -98,6 +112,8 @@ def require_density(cfg: SamplerConfig, who: str = "sampler") -> None:
         k = int(torch.nonzero(s <= 0)[0])
         fix = {"ode": "use kind='sde' with noise_level > 0",
                "sde": "set noise_level > 0",
+               "nextstep": "use 'nextstep-1.1' or 'sde' (NextStep-1's final Euler step is deterministic)",
+               "nextstep-1.1": "set noise_level > 0",
                "consistency": "set final_std > 0 (e.g. 0.05)"}[cfg.kind]
         raise ValueError(f"{who}: transition {k} of the {cfg.kind!r} sampler has std 0, so a token's trajectory has "
                          f"no density and the exact acceptance test min(1, P/Q) is undefined; {fix}")

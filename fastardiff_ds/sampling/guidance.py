@@ -1,8 +1,11 @@
 """Classifier-free guidance on the head's velocity, and the guided velocity field a sampler integrates.
 
 CFG (NextStep-1 `FlowMatchingHead.sample`): v = v_u + w (v_c - v_u), both branches evaluated at the same x.
-Per-token scale schedules (algorithms.md §1-2): `constant` (w = scale) and `linear` (Muse/MAR: w rises from 1 at
-the first image token towards `scale` at the last, w_i = 1 + (scale - 1) i / N).
+Per-token scale schedules over the image-token index n = 0..N-1, as the official NextStep pipelines apply them:
+`constant` (w = scale); `linear` (NextStep-1 `pipeline_nextstep.py` and vLLM-Omni's NextStep-1.1 pipeline:
+w_n = 1 + (scale - 1) (N - n) / N, i.e. full `scale` at the first token, falling to 1 + (scale - 1)/N at the last);
+`linear-rising` (the NextStep-1.1 `inference/gen_pipeline.py` of stepfun-ai/NextStep-1:
+w_n = max(scale / 2, 1 + (scale - 1) n / N), rising from max(scale/2, 1) to nearly `scale`).
 Modes: `two_pass` -- the AR batch is doubled (rows [0,B) conditional, [B,2B) unconditional prompt) and the head
 runs on both conditions; `distilled` -- a CFG-distilled student head takes w as its `guidance` input and needs no
 unconditional AR pass (DESIGN.md §3); `none` -- plain conditional sampling (scale must be 1).
@@ -14,13 +17,13 @@ from dataclasses import dataclass, field
 import torch
 
 MODES = ("two_pass", "distilled", "none")
-SCHEDULES = ("constant", "linear")
+SCHEDULES = ("constant", "linear", "linear-rising")
 
 
 @dataclass(frozen=True)
 class CFGConfig:
     scale: float = 1.0
-    schedule: str = "constant"  # constant | linear
+    schedule: str = "constant"  # constant | linear | linear-rising
     mode: str = "two_pass"  # two_pass | distilled | none
 
     def __post_init__(self):
@@ -42,8 +45,11 @@ def guidance_scale(cfg: CFGConfig, token_index: torch.Tensor, num_tokens: int) -
     """Per-token CFG scale w (N,) for image-token positions `token_index` (N,) of an N_img = `num_tokens` image."""
     if cfg.schedule == "constant":
         return torch.full(token_index.shape, float(cfg.scale), device=token_index.device)
-    frac = token_index.float() / max(int(num_tokens), 1)
-    return 1.0 + (cfg.scale - 1.0) * frac
+    n, N = token_index.double(), max(int(num_tokens), 1)
+    if cfg.schedule == "linear":  # official `cfg_iter = 1 + (cfg - 1) * (max_new_len - tokens_len) / max_new_len`
+        return (1.0 + (cfg.scale - 1.0) * (N - n) / N).float()
+    rising = 1.0 + (cfg.scale - 1.0) * n / N  # gen_pipeline: `max(cfg / 2, 1 + (cfg - 1) * tokens_len / max_new_len)`
+    return torch.clamp(rising, min=cfg.scale / 2.0).float()
 
 
 @dataclass

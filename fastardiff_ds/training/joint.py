@@ -46,7 +46,7 @@ class JointStep:
     def __init__(self, cfg: Config, engines: dict, teacher, ema, ema_module, uncond_prompt):
         self.cfg, self.engines, self.teacher = cfg, engines, teacher
         self.ema, self.ema_head = ema, head_fn(ema_module)
-        self.uncond_ids, self.uncond_mask = uncond_prompt  # (1, P) ids / mask of the empty prompt
+        self.uncond_ids, self.uncond_mask = uncond_prompt  # (1, P) ids / mask of the negative ("" = empty) prompt
         self.alpha = alpha_schedule(cfg)
         self.draft_layer = cfg.model.draft.entropy_layer % cfg.model.draft.num_layers
         t = cfg.train

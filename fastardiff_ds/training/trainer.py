@@ -59,7 +59,8 @@ class JointTrainer:
                                                     grad_accum=accum, lr_lambda=fn)
         self.teacher = self._build_teacher(teacher_state, micro)
         self.ema = E.EMA(self.engines["student"], self.ema_module)
-        ids, mask = text.batch([""], cfg.model.image.grid, strict=False)
+        # the DMD teacher's unconditional rows: the negative prompt baseline generation uses ("" by default)
+        ids, mask = text.batch([cfg.inference.negative_prompt], cfg.model.image.grid, strict=False)
         self.step_fn = JointStep(cfg, self.engines, self.teacher, self.ema, self.ema_module, (ids, mask))
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.step, self.consumed, self.run_id = 0, 0, None

@@ -111,8 +111,8 @@ def test_cfg_on_velocity_known_value_and_distilled_student():
 
 def test_linear_guidance_schedule():
     cfg = CFGConfig(scale=5.0, schedule="linear")
-    w = guidance_scale(cfg, torch.tensor([0, 2, 4]), num_tokens=4)
-    assert torch.allclose(w, torch.tensor([1.0, 3.0, 5.0]))
+    w = guidance_scale(cfg, torch.tensor([0, 2, 3]), num_tokens=4)  # official: full scale first, falling
+    assert torch.allclose(w, torch.tensor([5.0, 3.0, 2.0]))
     assert torch.allclose(guidance_scale(CFGConfig(scale=5.0), torch.tensor([0, 3]), 4), torch.tensor([5.0, 5.0]))
 
 

@@ -86,9 +86,10 @@ def test_hopeless_draft_is_rejected_and_still_lossless():
 
 
 def test_lossless_with_cfg_teacher_and_distilled_student_draft():
-    # target: two-pass CFG (linear schedule) on a doubled AR batch; draft: guidance-input student, no uncond pass
-    target, draft = models(target_cfg=CFGConfig(scale=2.0, schedule="linear"),
-                           draft_cfg=CFGConfig(scale=2.0, schedule="linear", mode="distilled"))
+    # target: two-pass CFG (per-token schedule: w = 1, 1.25, 1.5, 1.75) on a doubled AR batch; draft:
+    # guidance-input student, no uncond pass
+    target, draft = models(target_cfg=CFGConfig(scale=2.0, schedule="linear-rising"),
+                           draft_cfg=CFGConfig(scale=2.0, schedule="linear-rising", mode="distilled"))
     out, p = spec_vs_target(target, draft, SpecConfig(gamma=3), rows=2 * N_SAMPLES,
                           label="CFG teacher + distilled draft")
     assert 0.2 < out.stats.acceptance_rate < 0.9
@@ -101,3 +102,12 @@ def test_cspd_rule_runs_and_reports():
     out, p = spec_vs_target(target, draft, SpecConfig(gamma=3, accept="cspd"), label="CSpD")
     assert 0.0 < out.stats.acceptance_rate < 1.0
     assert out.tokens.isfinite().all()
+
+
+def test_exact_rule_is_lossless_with_the_nextstep_1_1_sampler():
+    # the official NextStep-1.1 SDE (noise on every step, eta 0.8, shifted grid) is a Gaussian chain too
+    official = SamplerConfig(kind="nextstep-1.1", num_steps=4, noise_level=0.8, time_shift=2.0)
+    target, draft = models(sampler=official)
+    out, p = spec_vs_target(target, draft, SpecConfig(gamma=3), label="nextstep-1.1")
+    assert 0.2 < out.stats.acceptance_rate < 0.9 and out.stats.fallbacks == 0
+    assert p > 0.01
