@@ -46,9 +46,18 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 def type_name(typ: Any) -> str:
     """Readable name of a field type: `int`, `int | None`, `tuple[float, float]`, `Literal['a', 'b']`."""
-    if isinstance(typ, type) and not typing.get_args(typ):
-        return typ.__name__
-    return str(typ).replace("typing.", "")
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if typ is type(None):
+        return "None"
+    if typ is Ellipsis:
+        return "..."
+    if _is_union(origin):
+        return " | ".join(type_name(a) for a in args)
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(typ, "__name__", str(typ))
 
 
 def _is_union(origin: Any) -> bool:
