@@ -113,8 +113,7 @@ def _parse_scalar(raw: str, typ: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(raw)
         return value
-    raise ConfigError(f"config key '{key}' has type {type_name(typ)}, which cannot be set from the command line; "
-                      "set it in a --config file")
+    raise TypeError("this type cannot be set from the command line; set it in a --config file")
 
 
 def _try(raw: str, typ: Any, key: str) -> Any:

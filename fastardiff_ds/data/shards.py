@@ -1,7 +1,10 @@
 """Shard lists and raw tar reading in webdataset's convention (``KEY.ext`` members grouped by KEY).
 
 Nothing here decodes: a raw sample is ``{"__key__", "__shard__", "__bytes__", ext: bytes, ...}``.
-Tar damage (truncation, bad headers) never raises; it is counted in a `SkipCounter` and logged.
+Tar damage (truncation, bad headers, a file that ends without the end-of-archive block, as an interrupted
+img2dataset download leaves it) never raises: the samples before the damage are used, the damage is
+counted once in a `SkipCounter` (reason "truncated_tar") and logged with the shard. `scan_tar` counts the
+samples `iter_tar` would yield from the headers alone.
 """
 from __future__ import annotations
 
