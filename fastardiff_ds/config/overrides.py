@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
 import types
 import typing
@@ -39,35 +40,117 @@ def _field_type(obj: Any, name: str) -> Any:
     return hints.get(name, type(getattr(obj, name)))
 
 
-def parse_value(raw: str, typ: Any, key: str) -> Any:
-    """Parse a CLI string into the field's declared type."""
+_NONE = ("none", "null")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def type_name(typ: Any) -> str:
+    """Readable name of a field type: `int`, `int | None`, `tuple[float, float]`, `Literal['a', 'b']`."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if typ is type(None):
+        return "None"
+    if typ is Ellipsis:
+        return "..."
+    if _is_union(origin):
+        return " | ".join(type_name(a) for a in args)
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(typ, "__name__", str(typ))
+
+
+def _is_union(origin: Any) -> bool:
+    return origin is typing.Union or origin is types.UnionType
+
+
+def _parse_items(raw: str, typ: Any, key: str) -> list | tuple:
+    """A list/tuple from JSON (`[1, 2]`) or comma-separated text (`1,2`); items parsed to the inner type."""
+    origin, args = typing.get_origin(typ) or typ, typing.get_args(typ)
+    items = json.loads(raw) if raw.startswith("[") else [s.strip() for s in raw.split(",") if s.strip()]
+    if not isinstance(items, list):
+        raise ValueError(raw)
+    if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: tuple[float, float]
+        if len(items) != len(args):
+            raise ValueError(f"{len(items)} items, expected {len(args)}")
+        return tuple(parse_value(str(i), a, key) for i, a in zip(items, args))
+    inner = args[0] if args else str
+    parsed = [parse_value(i if isinstance(i, str) else json.dumps(i), inner, key) for i in items]
+    return tuple(parsed) if origin is tuple else parsed
+
+
+def _parse_scalar(raw: str, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
-    args = [a for a in typing.get_args(typ) if a is not type(None)]
-    if origin is typing.Union or origin is types.UnionType:  # Optional[X] and X | None
-        if raw.lower() in ("none", "null"):
-            return None
-        return parse_value(raw, args[0], key)
-    try:
-        if typ is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
+    if typ is bool:
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise ValueError(raw)
+    if typ is int:
+        value = float(raw) if "e" in raw.lower() and not raw.lower().startswith("0x") else None
+        if value is not None:  # 1e4 is a common way to write 10000; 1.5e0 is not an int
+            if not value.is_integer():
+                raise ValueError(raw)
+            return int(value)
+        return int(raw)
+    if typ is float:
+        return float(raw)
+    if typ is str or typ is Any:
+        return raw
+    if origin is typing.Literal:
+        for choice in typing.get_args(typ):
+            if str(choice) == raw or (not isinstance(choice, str) and _try(raw, type(choice), key) == choice):
+                return choice
+        raise ValueError(raw)
+    if isinstance(typ, type) and issubclass(typ, enum.Enum):
+        for member in typ:
+            if raw in (member.name, str(member.value)) or raw.lower() == member.name.lower():
+                return member
+        raise ValueError(raw)
+    if origin in (list, tuple) or typ in (list, tuple):
+        return _parse_items(raw, typ, key)
+    if typ is dict or origin is dict:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
             raise ValueError(raw)
-        if typ is int:
-            return int(float(raw)) if "e" in raw.lower() else int(raw)
-        if typ is float:
-            return float(raw)
-        if origin in (list, tuple) or typ in (list, tuple):
-            items = json.loads(raw) if raw.startswith("[") else [s for s in raw.split(",") if s]
-            inner = args[0] if args else str
-            items = [parse_value(str(i), inner, key) for i in items]
-            return tuple(items) if (origin is tuple or typ is tuple) else items
-        if typ is dict or origin is dict:
-            return json.loads(raw)
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got '{raw}'") from e
-    return raw
+        return value
+    raise TypeError("this type cannot be set from the command line; set it in a --config file")
+
+
+def _try(raw: str, typ: Any, key: str) -> Any:
+    try:
+        return _parse_scalar(raw, typ, key)
+    except (ValueError, TypeError, json.JSONDecodeError, ConfigError):
+        return _FAIL
+
+
+_FAIL = object()
+
+
+def parse_value(raw: str, typ: Any, key: str) -> Any:
+    """Parse a CLI string into the field's declared type.
+
+    Handles str, int (also `1e4`), float, bool (true/false/yes/no/on/off/1/0), `X | None` / Optional[X]
+    ("none" or "null" -> None), other unions (first member that parses), Literal, Enum (name or value),
+    list[X] / tuple[X, ...] / tuple[X, Y] (JSON `[..]` or `a,b`) and dict (JSON). A value that does not parse
+    raises ConfigError naming the key, the expected type and the value.
+    """
+    origin = typing.get_origin(typ)
+    if _is_union(origin):
+        members = [a for a in typing.get_args(typ) if a is not type(None)]
+        if type(None) in typing.get_args(typ) and raw.strip().lower() in _NONE:
+            return None
+        for member in members:  # str last: "3" for `int | str` is the int 3
+            if member is not str and (value := _try(raw, member, key)) is not _FAIL:
+                return value
+        if str in members:
+            return raw
+        raise ConfigError(f"config key '{key}' expects {type_name(typ)}, got {raw!r}"
+                          + (" (use 'none' for no value)" if type(None) in typing.get_args(typ) else ""))
+    try:
+        return _parse_scalar(raw, typ, key)
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        detail = f": {e}" if str(e) and str(e) != raw else ""
+        raise ConfigError(f"config key '{key}' expects {type_name(typ)}, got {raw!r}{detail}") from None
 
 
 def set_key(cfg: Any, key: str, raw: Any) -> None:
@@ -93,6 +176,21 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
         set_key(cfg, key.strip(), raw.strip())
+    return validate(cfg)
+
+
+def validate(cfg: Any, prefix: str = "") -> Any:
+    """Re-run every section's `__post_init__` checks (overrides are set after construction)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}{f.name}.")
+    check = getattr(cfg, "__post_init__", None)
+    if check is not None:
+        try:
+            check()
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}': {e}") from None
     return cfg
 
 
@@ -113,6 +211,8 @@ def update_from_dict(cfg: Any, data: dict, prefix: str = "") -> Any:
             update_from_dict(current, value, key + ".")
         else:
             typ = _field_type(cfg, name)
+            if isinstance(value, str) and typ is not str:  # '200' or 'none' in a YAML file: parse like the CLI
+                value = parse_value(value, typ, key)
             if isinstance(value, list) and (typ is tuple or typing.get_origin(typ) is tuple):
                 value = tuple(value)
             setattr(cfg, name, value)

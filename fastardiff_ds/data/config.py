@@ -15,9 +15,11 @@ class DataConfig:
         list file with one shard path per line (relative paths resolve against the list's folder).
     batch_size: per data-parallel rank.
     samples_per_epoch: global samples in one epoch (all ranks); None -> the dataset size from
-        ``sizes.json`` / ``*_stats.json`` / parquet metadata. Every rank yields exactly
+        ``sizes.json`` / ``{shard}_stats.json`` / ``{shard}.parquet``, or a header scan of a tar that has
+        none of them (metadata.py). Every rank yields exactly
         ``samples_per_epoch // (batch_size * world_size)`` batches per epoch.
-    resampled: draw shards with replacement (infinite stream, no shard-count requirement).
+    resampled: draw shards with replacement (infinite stream, no shard-count requirement, no per-shard
+        counts needed: without samples_per_epoch the epoch length is an estimate, see metadata.py).
     shuffle_shards / shuffle_buffer: shard-order shuffle per epoch and sample shuffle buffer
         (0 or 1 disables it) -- both seeded by (seed, epoch, rank, worker).
     kind: "pixels" reads ``jpg/png/webp``; "latents" reads ``latent.npy`` written by encode_latents.
@@ -49,5 +51,9 @@ class DataConfig:
             raise ValueError("DataConfig.batch_size, resolution and max_text_len must be >= 1")
         if not 0.0 <= self.drop_text_prob <= 1.0:
             raise ValueError(f"DataConfig.drop_text_prob={self.drop_text_prob} must be in [0, 1]")
+        if self.samples_per_epoch is not None and (not isinstance(self.samples_per_epoch, int)
+                                                   or self.samples_per_epoch < 1):
+            raise ValueError(f"DataConfig.samples_per_epoch={self.samples_per_epoch!r} must be an int >= 1 or None "
+                             "(None = count the shards)")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers={self.num_workers} must be >= 0")

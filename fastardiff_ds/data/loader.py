@@ -82,7 +82,7 @@ class StreamingLoader:
                 f"{len(self.shards)} shards in {cfg.shards!r} cannot feed world_size={world_size} x "
                 f"num_workers={self.num_readers} readers without a rank going dry; use resampled=True, "
                 "fewer workers or more (smaller) shards")
-        total = cfg.samples_per_epoch or count_samples(self.shards)
+        total = cfg.samples_per_epoch or count_samples(self.shards, resampled=cfg.resampled)
         self.batches_per_epoch = total // (cfg.batch_size * world_size)
         if self.batches_per_epoch < 1:
             raise ValueError(f"{total} samples per epoch < one global batch ({cfg.batch_size} x {world_size})")
@@ -93,6 +93,15 @@ class StreamingLoader:
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+    def fresh(self, **changes) -> "StreamingLoader":
+        """A new loader over the same shards and ranks from the start of epoch 0, with its own iterator and
+        workers (this one's state is untouched); `changes` replace DataConfig fields (e.g. num_workers=0).
+        The epoch length is kept unless `samples_per_epoch` or `batch_size` is changed."""
+        if "batch_size" not in changes:
+            changes.setdefault("samples_per_epoch", self.batches_per_epoch * self.cfg.batch_size * self.world_size)
+        return StreamingLoader(dataclasses.replace(self.cfg, **changes), rank=self.rank, world_size=self.world_size,
+                               tokenize=self.tokenize, pad_id=self.pad_id, image_transform=self.image_transform)
 
     def state_dict(self) -> dict:
         return self.state.to_dict()

@@ -1,6 +1,6 @@
 """The engine layer: the only package that calls DeepSpeed (DESIGN.md §2, STYLE.md principle 6).
 
-- ``dist``: process-group bootstrap (gloo on CPU, nccl on GPU), rank helpers.
+- ``dist``: process-group bootstrap (gloo on CPU, nccl on GPU), rank helpers, the few collectives others need.
 - ``ds_config``: ds_configs/*.json (engine knobs) + batch size / clipping injected from our config.
 - ``engine``: ``EngineSpec`` + ``build_engine`` -- one ZeRO engine per trainable network.
 - ``teacher``: frozen networks (teacher on its own process group, EMA copies), inference only.
@@ -12,8 +12,8 @@
 
 from fastardiff_ds.engines.checkpoint import (capture_rng_state, load_checkpoint, resolve_resume,
                                               restore_rng_state, save_checkpoint, step_tag)
-from fastardiff_ds.engines.dist import (barrier, device, get_rank, get_world_size, init_distributed, is_rank0,
-                                        local_world_size)
+from fastardiff_ds.engines.dist import (all_gather_object, all_reduce, barrier, comm_device, device, get_rank,
+                                        get_world_size, init_distributed, is_rank0, local_world_size)
 from fastardiff_ds.engines.ds_config import inference_ds_config, load_ds_config, train_ds_config
 from fastardiff_ds.engines.ema import EMA
 from fastardiff_ds.engines.engine import Engine, EngineSpec, build_engine, default_lr_lambda
@@ -22,7 +22,7 @@ from fastardiff_ds.engines.memory import NetSize, count_params, estimate_memory,
 from fastardiff_ds.engines.teacher import FrozenEngine, build_frozen, build_teacher
 
 __all__ = [
-    "EMA", "Engine", "EngineSpec", "FrozenEngine", "NetSize", "count_params", "barrier", "build_engine", "build_frozen", "build_teacher",
+    "EMA", "Engine", "all_gather_object", "all_reduce", "comm_device", "EngineSpec", "FrozenEngine", "NetSize", "count_params", "barrier", "build_engine", "build_frozen", "build_teacher",
     "capture_rng_state", "default_lr_lambda", "device", "estimate_memory", "export_safetensors",
     "gathered_state_dict", "get_rank", "get_world_size", "inference_ds_config", "init_distributed", "is_rank0",
     "load_checkpoint", "load_ds_config", "load_gathered_state_dict", "local_world_size", "nextstep_large_table",

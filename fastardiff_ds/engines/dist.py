@@ -105,3 +105,36 @@ def barrier(group=None) -> None:
     """Collective barrier (no-op without a process group)."""
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+_REDUCE_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
+
+
+def comm_device(group=None) -> torch.device:
+    """Where a tensor must live for a collective on `group`: this rank's GPU under nccl, else the CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return device()
+    return torch.device("cpu")
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """A new tensor: `tensor` reduced over the ranks of `group` (sum | min | max), on `tensor`'s device.
+
+    The collective runs on `comm_device` (a CPU tensor under nccl would fail); without a process group it
+    returns a copy of `tensor`.
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"all_reduce op={op!r}; expected one of {sorted(_REDUCE_OPS)}")
+    out = tensor.detach().to(comm_device(group), copy=True)
+    if dist.is_initialized():
+        dist.all_reduce(out, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
+    return out.to(tensor.device)
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's picklable `obj`, in rank order (``[obj]`` without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import engines as E
 from ..config import Config
 from ..losses.consistency import ConsistencyConfig, consistency_distillation_loss
 from ..losses.dmd import DMDConfig, dmd_fake_score_loss, dmd_generator_loss, few_step_generate
@@ -65,9 +66,7 @@ class JointStep:
 
     def _check(self, name: str, value: torch.Tensor, step: int) -> bool:
         """All ranks agree on whether a loss is finite (a rank-local decision would desynchronise ZeRO-3)."""
-        bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad)
+        bad = E.all_reduce(torch.tensor([0.0 if torch.isfinite(value).all() else 1.0]), "max")  # on the comm device
         if bad.item() == 0:
             return True
         if self.cfg.train.on_nonfinite == "stop":

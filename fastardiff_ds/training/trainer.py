@@ -11,15 +11,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from .. import engines as E
 from ..config import Config, to_dict
-from ..losses.entropy import EntropyStats
-from ..models import DraftAR, build_head, build_target, row_entropy, save_pretrained
+from ..models import DraftAR, build_head, build_target, save_pretrained
 from ..schedules.lr import LRSchedule, make_lr_lambda
 from .joint import JointStep, stage_lr_lambda, stage_of
 from .networks import build_teacher_net, init_networks, load_teacher_state
+from .tau import collect_batches, measure_tau
 
 ENGINE_ORDER = ("draft", "fake", "student", "target")
 
@@ -92,9 +91,7 @@ class JointTrainer:
         mine = {name: e.partition_numel() for name, e in self.engines.items()}
         mine.update(teacher=self.teacher.partition_numel(), teacher_group_size=self.teacher.group_size,
                     rank=self.rank)
-        out = [None] * self.world
-        dist.all_gather_object(out, mine)
-        return out
+        return E.all_gather_object(mine)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def client_state(self, loader) -> dict:
@@ -117,21 +114,16 @@ class JointTrainer:
         return True
 
     # -- tau and export -------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def measure_tau(self, loader) -> dict:
-        """Eq. 10: tau = 0.3 mean - 0.1 std of the draft's shallow-layer entropy on training data (all ranks)."""
-        stats, layer = EntropyStats(), self.cfg.model.draft.shallow_layer % self.cfg.model.draft.num_layers
-        for i, batch in enumerate(loader):
-            if i >= self.cfg.train.tau_batches:
-                break
+        """Eq. 10 on a fresh pass over the training data (tau.py): never fails the run; tau=-inf without data."""
+        layer = self.cfg.model.draft.shallow_layer % self.cfg.model.draft.num_layers
+
+        def entropy(batch):  # the shallow layer's entropy at the N image-conditioning rows, as inference reads it
             ids, mask, tokens = self._inputs(batch)
             out = self.engines["draft"]("forward_train", ids, mask, tokens, explicit_layer=layer)
-            stats.update(row_entropy(out.attn_probs, out.attn_valid))
-        total = stats.to_tensor()
-        dist.all_reduce(total)
-        stats = EntropyStats.from_tensor(total)
-        return {"tau": stats.threshold(), "shallow_entropy_mean": stats.mean, "shallow_entropy_std": stats.std,
-                "rows": stats.count}
+            return out.entropy.float().cpu(), (out.attn_valid.sum(-1) >= 2).cpu()  # (B, N) each
+
+        return measure_tau(entropy, collect_batches(loader, self.cfg.train.tau_batches))
 
     def export(self, meta: dict) -> Path | None:
         """Gather every trained network (collective) and write an inference checkpoint on rank 0."""
@@ -210,8 +202,7 @@ class JointTrainer:
 
     def _throughput(self, seconds: float, samples: int, steps: int) -> dict:
         """Steps/s and samples/s of this fit call, and every rank's peak resident memory (gathered)."""
-        peak = [None] * self.world
-        dist.all_gather_object(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        peak = E.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return {"steps_per_s": steps / max(seconds, 1e-9), "samples_per_s": samples / max(seconds, 1e-9),
                 "peak_rss_mib_per_rank": peak}
 
