@@ -8,6 +8,9 @@
 Prints and writes JSON: per mode latency per image (median, p90), speedup vs baseline, target/draft forward counts,
 mean accepted length, acceptance rate, early-stop rate, head evaluations, share of time in AR vs head, the upper
 bound on speedup the counts imply; plus the per-token AR:head FLOP split of this preset next to nextstep-1-large's.
+Every row runs eager and again compiled (`--compile both`, the default: LABEL-compiled rows use a static KV cache and
+torch.compile'd AR and head steps, inference.compile=true), with warm-up (compile) seconds, graphs compiled during
+warm-up and recompilations during the timed runs; speedups are given over the eager and over the compiled baseline.
 Last, the same rows as a markdown table (fastardiff_ds.benchmark.markdown_table).
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fastardiff_ds.cli import add_vae_arg, vae_overrides
 from fastardiff_ds.config import apply_overrides
 from fastardiff_ds.data.shapes import eval_prompts
 from fastardiff_ds.inference import MODES, Pipeline, load_pipeline
+from fastardiff_ds.sampling.compiled import graphs_compiled
 
 
 def main(argv=None):
@@ -44,11 +48,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the tiny matmuls do not split)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--compile", choices=("both", "off", "on"), default="both",
+                   help="both (default): every row eager and again compiled (LABEL-compiled: static KV cache + "
+                        "torch.compile, inference.compile=true); speedups are also given over the compiled baseline")
     add_vae_arg(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inference.gamma=6 inference.noise_level=1.5")
     a = p.parse_args(argv)
     a.overrides = [*vae_overrides(a.vae), *a.overrides]
     rows = [(m, m, []) for m in a.modes] + [parse_variant(v, MODES) for v in a.variant]
+    rows = _compile_rows(rows, a.compile)
     torch.set_num_threads(a.threads)
     prompts = ([l.strip() for l in Path(a.prompts_file).read_text().splitlines() if l.strip()] if a.prompts_file
                else [m["prompt"] for m in eval_prompts(seed=a.seed)])
@@ -67,15 +75,22 @@ def main(argv=None):
         except ValueError as e:  # e.g. no draft / student in the checkpoint
             skipped[label] = str(e)
             continue
-        pipe.generate(prompts[: a.batch_size], seeds[: a.batch_size])  # warm-up, excluded
+        r = ModeResult()
+        if pipe.compiler is not None:
+            pipe.compiler.timer = timer
+        g0, t0 = graphs_compiled(), time.perf_counter()
+        warm = a.batch_size * (2 if pipe.compiler is not None else 1)  # 2 batches: shapes that vary turn dynamic
+        pipe.generate(prompts[:warm], seeds[:warm])  # warm-up (and compilation), excluded
+        r.warmup_s, r.graphs_warmup = time.perf_counter() - t0, graphs_compiled() - g0
         pipe.stats.clear()
         timer.reset()
-        r = ModeResult()
+        g0 = graphs_compiled()
         for i in range(0, len(prompts), a.batch_size):
             t0 = time.perf_counter()
             images = pipe.generate(prompts[i:i + a.batch_size], seeds[i:i + a.batch_size])
             r.latencies.append((time.perf_counter() - t0) / len(images))
         r.stats, r.ar_seconds, r.head_seconds = sum_stats(pipe.stats), timer.seconds["ar"], timer.seconds["head"]
+        r.recompiles = graphs_compiled() - g0
         results[label] = r
         print(f"{label}: {statistics_line(r)}", flush=True)
     cfg = bundle.cfg
@@ -90,6 +105,16 @@ def main(argv=None):
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(text + "\n")
+
+
+def _compile_rows(rows, which: str):
+    """Each (label, mode, overrides) row eager, compiled (LABEL-compiled), or both, eager first."""
+    on = lambda r: (f"{r[0]}-compiled", r[1], [*r[2], "inference.compile=true"])  # noqa: E731
+    if which == "off":
+        return rows
+    if which == "on":
+        return [on(r) for r in rows]
+    return rows + [on(r) for r in rows]
 
 
 def _with_overrides(bundle, overrides: list[str]):

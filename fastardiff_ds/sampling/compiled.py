@@ -20,6 +20,7 @@ Compilations are counted (`graphs_compiled`), so benchmarks report warm-up cost 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -101,8 +102,8 @@ def _decode(ar, tokens: torch.Tensor, cache, explicit_layer: int | None):
 class CompiledAR:
     """An AR model (TargetAR / DraftAR) behind the same protocol, decoding with a static cache and compiled steps."""
 
-    def __init__(self, ar, opts: CompileOptions = CompileOptions()):
-        self.ar = ar
+    def __init__(self, ar, opts: CompileOptions = CompileOptions(), timer=None):
+        self.ar, self.timer = ar, timer  # timer: benchmark.SectionTimer, whose hooks cannot see compiled steps
         self.device = ar.embed_tokens.weight.device
         self._decode = _Compiled(_decode, opts, self.device)
 
@@ -119,7 +120,8 @@ class CompiledAR:
     def decode(self, tokens: torch.Tensor, cache, explicit_layer: int | None = None) -> ARStep:
         cache.slots(tokens.shape[1])  # overflow check on the host, outside the graph
         layer = explicit_layer if explicit_layer is not None else self.ar.explicit_layer
-        cond, hidden, ent = self._decode(self.ar, tokens, cache, layer)
+        with _section(self.timer, "ar"):
+            cond, hidden, ent = self._decode(self.ar, tokens, cache, layer)
         cache.advance(tokens.shape[1])
         return ARStep(cond, hidden, ent)
 
@@ -146,18 +148,23 @@ def _field_step(field, x, t, t_next, std, eps, cfg: SamplerConfig):
 class HeadChain:
     """`chain(field, sampler, noise) -> Trajectory`, a drop-in for flow.sample_tokens (same draws, same chain)."""
 
-    def __init__(self, head, opts: CompileOptions = CompileOptions(), device: torch.device | str = "cpu"):
-        self.head = head
+    def __init__(self, head, opts: CompileOptions = CompileOptions(), device: torch.device | str = "cpu", timer=None):
+        self.head, self.timer = head, timer
         device = torch.device(device)
         self._mod_step = _Compiled(_modulated_step, opts, device)
         self._field_step = _Compiled(_field_step, opts, device)
 
     def __call__(self, fld, cfg: SamplerConfig, noise: torch.Tensor) -> Trajectory:
-        K, N = cfg.steps, noise.shape[0]
+        K = cfg.steps
         if noise.dim() != 3 or noise.shape[1] != K + 1:
             raise ValueError(f"noise must be (N, K+1={K + 1}, D), got {tuple(noise.shape)}")
         if fld.head is not self.head:
             return sample_tokens(fld, cfg, noise)
+        with _section(self.timer, "head"):
+            return self._run(fld, cfg, noise)
+
+    def _run(self, fld, cfg: SamplerConfig, noise: torch.Tensor) -> Trajectory:
+        K, N = cfg.steps, noise.shape[0]
         grid = time_grid(cfg, noise.device, torch.float64)
         stds = transition_stds(cfg, noise.device, noise.dtype)
         step = self._steps(fld, grid, cfg)
@@ -185,18 +192,22 @@ class HeadChain:
                                                         cfg, mode == "two_pass")
 
 
+def _section(timer, name: str):
+    return timer.section(name) if timer is not None else contextlib.nullcontext()
+
+
 class Compiler:
     """One compiled wrapper per model, shared by every flow built on it (teacher and student flows of a target)."""
 
-    def __init__(self, opts: CompileOptions = CompileOptions()):
-        self.opts, self._ars, self._chains = opts, {}, {}
+    def __init__(self, opts: CompileOptions = CompileOptions(), timer=None):
+        self.opts, self.timer, self._ars, self._chains = opts, timer, {}, {}
 
     def flow(self, flow):
         """An ARFlow (sampling/common.py) whose AR decodes on a static cache and whose head chains are compiled."""
         ar, head = flow.ar, flow.head
         if id(ar) not in self._ars:
-            self._ars[id(ar)] = CompiledAR(ar, self.opts)
+            self._ars[id(ar)] = CompiledAR(ar, self.opts, self.timer)
         if id(head) not in self._chains:
             device = next(iter(head.parameters())).device if hasattr(head, "parameters") else "cpu"
-            self._chains[id(head)] = HeadChain(head, self.opts, device)
+            self._chains[id(head)] = HeadChain(head, self.opts, device, self.timer)
         return dataclasses.replace(flow, ar=self._ars[id(ar)], chain=self._chains[id(head)])

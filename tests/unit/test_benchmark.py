@@ -73,3 +73,27 @@ def test_markdown_table_has_a_row_per_mode():
     lines = markdown_table(summarize({"baseline": base, "fastardiff": fast}, images=1)).splitlines()
     assert len(lines) == 4 and lines[0].startswith("| mode | s/image (median)")
     assert lines[3].startswith("| fastardiff | 0.500 | ") and "| 4.00x |" in lines[3]
+
+
+def test_compile_rows_and_speedup_over_the_compiled_baseline():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "launcher" / "bench_inference.py"
+    mod_spec = importlib.util.spec_from_file_location("bench_inference", path)
+    bench = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(bench)
+    rows = [("baseline", "baseline", []), ("cspd", "fastardiff", ["inference.accept=cspd"])]
+    both = bench._compile_rows(rows, "both")
+    assert [r[0] for r in both] == ["baseline", "cspd", "baseline-compiled", "cspd-compiled"]
+    assert both[3][2] == ["inference.accept=cspd", "inference.compile=true"]
+    assert bench._compile_rows(rows, "off") == rows
+    results = {"baseline": ModeResult([2.0], _stats(64, 0, 640)),
+               "baseline-compiled": ModeResult([1.0], _stats(64, 0, 640), warmup_s=30.0, graphs_warmup=3),
+               "dmd-compiled": ModeResult([0.25], _stats(64, 0, 32), recompiles=1)}
+    out = summarize(results, images=1)
+    assert out["baseline-compiled"]["speedup_vs_baseline"] == 2.0
+    assert out["dmd-compiled"]["speedup_vs_compiled_baseline"] == 4.0 and out["dmd-compiled"]["recompiles_timed"] == 1
+    from fastardiff_ds.benchmark import markdown_table
+
+    assert "| vs compiled baseline |" in markdown_table(out).splitlines()[0]
