@@ -26,8 +26,10 @@ from fastardiff_ds.visual import make_grid
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint folder (config.json + model.safetensors [+ draft/student])")
-    p.add_argument("--preset", default=None, help="preset for --random-init or for a NextStep folder without config.json")
+    p.add_argument("--ckpt", help="checkpoint folder: our export (config.json + model.safetensors [+ draft/student]) or an official "
+                   "NextStep-1.x download as is (config.json + model-*.safetensors + index + tokenizer)")
+    p.add_argument("--preset", default=None, help="preset for --random-init; with --ckpt only fills what an official NextStep config.json does not say "
+                   "(default: its family, nextstep-1.1 or nextstep-1-large) or names a folder without config.json")
     p.add_argument("--random-init", action="store_true", help="no checkpoint: random weights (images are noise)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
