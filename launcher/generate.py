@@ -60,7 +60,10 @@ def main(argv=None):
         pipe = Pipeline(random_init_bundle(cfg, a.seed), a.mode)
         print("NOTE: --random-init: randomly initialised weights, the images are noise, not a trained model")
     else:
-        pipe = load_pipeline(a.ckpt, a.preset, a.mode, a.overrides)
+        try:
+            pipe = load_pipeline(a.ckpt, a.preset, a.mode, a.overrides)
+        except (FileNotFoundError, ValueError, KeyError) as e:  # bad folder / config / override: say what and how
+            sys.exit(f"error: {e}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(p, a.seed + i * a.num_images + j) for i, p in enumerate(prompts) for j in range(a.num_images)]
