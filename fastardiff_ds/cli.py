@@ -9,7 +9,8 @@ from .config import Config, dotted_keys, resolve_config, to_dict
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
-    parser.add_argument("--preset", default=default_preset, help="named preset: tiny | tiny-bench | small | nextstep-1-large | nextstep-1.1")
+    parser.add_argument("--preset", default=default_preset, help="named preset: tiny | tiny-bench | small | "
+                        "nextstep-1-large | nextstep-1.1")
     parser.add_argument("--config", default=None, help="JSON/YAML file merged over the preset")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (and valid keys), exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.steps=100 model.ar.num_layers=6")

@@ -108,13 +108,15 @@ def load_pipeline(ckpt: str, preset: str | None = None, mode: str = "baseline", 
 def random_init_bundle(cfg: Config, seed: int = 0) -> ModelBundle:
     """Randomly initialised models (only for --random-init smoke runs: the images are noise)."""
     from .models import build_draft, build_head, build_target
+    from .models.weights import resolve_dtype
 
     torch.manual_seed(seed)
     target, head = build_target(cfg).eval(), build_head(cfg).eval()
     bundle = ModelBundle(cfg, target, head, build_draft(cfg, target).eval(), build_head(cfg, student=True).eval(),
                          {"tau": None, "random_init": True})
+    dtype = resolve_dtype(cfg.model.dtype)
     for m in (bundle.target, bundle.head, bundle.draft, bundle.student):
-        m.requires_grad_(False)
+        m.requires_grad_(False).to(dtype)
     return bundle
 
 

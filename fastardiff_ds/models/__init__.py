@@ -98,7 +98,8 @@ def load_config(ckpt_dir: str | Path, preset: str | None = None, overrides: list
     ckpt = Path(ckpt_dir)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint '{ckpt}' does not exist: pass --ckpt with a folder holding "
-                                "model.safetensors (e.g. assets/tiny_teacher) or train one with launcher/pretrain_t2i.py")
+                                "model.safetensors (e.g. assets/tiny_teacher) or train one with "
+                                "launcher/pretrain_t2i.py")
     if not (ckpt / "config.json").is_file():
         if preset is None:
             raise FileNotFoundError(f"checkpoint '{ckpt}' has no config.json: pass a folder written by save_pretrained "
@@ -157,8 +158,9 @@ def count_params(module: torch.nn.Module) -> int:
 
 
 __all__ = [
-    "ARStep", "DraftAR", "adopt_teacher_model", "check_special_token_ids", "folder_kind", "official_config", "FlowHead", "KVCache", "ModelBundle", "PixelPatchTokenizer", "TargetAR", "TextTokenizer",
-    "VAETokenizer", "build_draft", "build_head", "build_image_tokenizer", "build_target", "count_params",
-    "from_pretrained", "load_config", "nextstep_state", "load_pretrained", "load_text_tokenizer", "patchify", "resolve_asset",
-    "row_entropy", "save_pretrained", "unpatchify",
+    "ARStep", "DraftAR", "FlowHead", "KVCache", "ModelBundle", "PixelPatchTokenizer", "TargetAR", "TextTokenizer",
+    "VAETokenizer", "adopt_teacher_model", "build_draft", "build_head", "build_image_tokenizer", "build_target",
+    "check_special_token_ids", "count_params", "folder_kind", "from_pretrained", "load_config", "load_pretrained",
+    "load_text_tokenizer", "nextstep_state", "official_config", "patchify", "resolve_asset", "row_entropy",
+    "save_pretrained", "unpatchify",
 ]

@@ -21,7 +21,7 @@ keys), `inference/nextstep_model.py` and `nextstep/models/nextstep/modeling_next
 | latent_patch_size / patch_size | model.image.patch_size | |
 | latent_size / image_size | model.image.resolution = size x 8 | the f8 VAE latent side; grid = size / patch |
 | boi, eoi, image_placeholder_id | model.text.boi_id, eoi_id, image_placeholder_id | checked against the tokenizer |
-| vae_name_or_path | model.image.vae_path | only when it names a local folder (relative to the checkpoint) |
+| vae_name_or_path | model.image.vae_path | a local folder (relative to the checkpoint), else `<ckpt>/vae` if present |
 | tokenizer files in the folder | model.text.path = the folder, tokenizer = hf | |
 
 Refused with a ValueError naming the key unless set as shown (we do not implement the alternative):
@@ -170,8 +170,10 @@ def official_config(data: dict, folder: str | Path, preset: str | None = None) -
     image.resolution = latent * VAE_DOWNSAMPLE
     cfg.data.resolution = image.resolution
     vae = data.get("vae_name_or_path")
-    if vae and (folder / vae).is_dir():
-        image.vae_path = str(folder / vae)
+    for cand in ([folder / vae] if vae else []) + [folder / "vae"]:  # vLLM-Omni's lookup order
+        if cand.is_dir():
+            image.vae_path = str(cand)
+            break
     text.boi_id, text.eoi_id, text.image_placeholder_id = (data.get(k) for k in ("boi", "eoi", "image_placeholder_id"))
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
         text.tokenizer, text.path, text.add_special_tokens = "hf", str(folder), False

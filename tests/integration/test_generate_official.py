@@ -32,7 +32,8 @@ def test_generate_from_official_folder_without_preset(tmp_path, style, monkeypat
     import generate
 
     ckpt, vae = write_official(tmp_path / "NextStep", style), _tiny_vae(tmp_path / "vae")
-    argv = ["--ckpt", str(ckpt), "--prompt", "a photo of a red cat", "--num-images", "2", "--out", str(tmp_path / "out"),
+    argv = ["--ckpt", str(ckpt), "--prompt", "a photo of a red cat", "--num-images", "2",
+            "--out", str(tmp_path / "out"),
             f"model.image.vae_path={vae}", "inference.num_steps=3"]
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave the test process's threads alone
     generate.main(argv)

@@ -46,7 +46,11 @@ def _reference_backbone(folder: Path, state: dict):
               num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
               num_key_value_heads=c["num_key_value_heads"], rms_norm_eps=c["rms_norm_eps"],
               rope_theta=c["rope_theta"], max_position_embeddings=c["max_position_embeddings"])
-    model = LlamaModel(LlamaConfig(attention_bias=True, **kw)) if c["o_attention_bias"] else Qwen2Model(Qwen2Config(**kw))
+    # Llama's attention_bias covers o_proj too: the reference for `o_attention_bias: true`
+    if c["o_attention_bias"]:
+        model = LlamaModel(LlamaConfig(attention_bias=True, **kw))
+    else:
+        model = Qwen2Model(Qwen2Config(**kw))
     own = model.state_dict()
     model.load_state_dict({k: state[k] for k in own})
     return model.eval()
@@ -83,7 +87,8 @@ def test_hidden_states_and_velocities_match_independent_reference(tmp_path, styl
     with torch.no_grad():
         ours = b.target.forward_train(ids, torch.ones_like(ids), tokens)
         emb = torch.cat([F.embedding(ids, state["embed_tokens.weight"]),
-                         F.linear(tokens[:, :3], state["image_in_projector.weight"], state["image_in_projector.bias"])], 1)
+                         F.linear(tokens[:, :3], state["image_in_projector.weight"],
+                                  state["image_in_projector.bias"])], 1)
         hidden = ref(inputs_embeds=emb, attention_mask=torch.ones(2, 8, dtype=torch.long)).last_hidden_state[:, -4:]
         cond = F.linear(hidden, state["image_out_projector.weight"], state["image_out_projector.bias"])
         x, t = torch.randn(8, tokens.shape[-1], generator=g), torch.rand(8, generator=g)
@@ -111,7 +116,8 @@ def test_config_mapping_both_schemes(official):
 
 
 def test_weights_load_in_model_dtype_without_fp32_copies(tmp_path, official):
-    for request, stored in (("bfloat16", official), ("bfloat16", write_official(tmp_path / "f32", dtype=torch.float32))):
+    fp32_folder = write_official(tmp_path / "f32", dtype=torch.float32)
+    for request, stored in (("bfloat16", official), ("bfloat16", fp32_folder)):
         b = load_pretrained(stored, overrides=[f"model.dtype={request}"])
         tensors = [*b.target.parameters(), *b.head.parameters()]
         assert {p.dtype for p in tensors} == {torch.bfloat16} and not any(p.is_meta for p in tensors)
