@@ -113,6 +113,8 @@ def test_config_mapping_both_schemes(official):
     assert (m.text.boi_id, m.text.eoi_id, m.text.image_placeholder_id) == (data["boi"], data["eoi"],
                                                                            data["image_placeholder_id"])
     assert m.text.tokenizer == "hf" and m.text.path == str(official)
+    other = load_config(official, preset="tiny-bench")  # --preset only fills what config.json does not say
+    assert other.preset == "tiny-bench" and other.model.ar.hidden_size == 64 and other.model.image.resolution == 64
 
 
 def test_weights_load_in_model_dtype_without_fp32_copies(tmp_path, official):
