@@ -23,6 +23,7 @@ keys), `inference/nextstep_model.py` and `nextstep/models/nextstep/modeling_next
 | boi, eoi, image_placeholder_id | model.text.boi_id, eoi_id, image_placeholder_id | checked against the tokenizer |
 | vae_name_or_path | model.image.vae_path | a local folder (relative to the checkpoint), else `<ckpt>/vae` if present |
 | tokenizer files in the folder | model.text.path = the folder, tokenizer = hf | |
+| (not in config.json) | model.draft.num_layers | the preset's 6, at most half of num_hidden_layers |
 
 Refused with a ValueError naming the key unless set as shown (we do not implement the alternative):
 attention_bias true, use_gen_pos_embed false, use_2d_rope false, attention_use_qk_norm false,
@@ -157,6 +158,8 @@ def official_config(data: dict, folder: str | Path, preset: str | None = None) -
     ar.rope_theta = float(data.get("rope_theta", ar.rope_theta))
     ar.rms_norm_eps = float(data.get("rms_norm_eps", ar.rms_norm_eps))
     ar.o_proj_bias = _o_proj_bias(data, folder)
+    # the preset's draft depth (6 of 48) must fit a shallower checkpoint: at most half of its layers
+    cfg.model.draft.num_layers = min(cfg.model.draft.num_layers, max(1, ar.num_layers // 2))
     head.width = int(_pick(data, "fm_head_dim", "genloss_width", 1536))
     head.depth = int(_pick(data, "fm_head_layers", "genloss_depth", 12))
     head.mlp_ratio = float(data.get("fm_head_mlp_ratio", 1.0))

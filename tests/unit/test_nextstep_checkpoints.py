@@ -244,3 +244,21 @@ def test_peak_host_memory_is_about_one_copy_in_bf16(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     ratio = float(run.stdout.strip().splitlines()[-1])
     assert ratio < 1.6, f"peak RSS rose by {ratio:.2f}x the bf16 weights"
+
+
+def test_training_init_builds_no_full_target_unless_it_is_trained(official, monkeypatch):
+    """At 14B a full target built only to copy the draft from would be a 56 GB fp32 copy on every rank."""
+    from fastardiff_ds.models import adopt_teacher_model
+    from fastardiff_ds.config import resolve_config
+    from fastardiff_ds.training import networks
+
+    cfg = adopt_teacher_model(resolve_config("tiny", overrides=[f"train.teacher={official}"]), [])
+    state = networks.load_teacher_state(cfg)
+    built = []
+    monkeypatch.setattr(networks, "build_target", lambda c: built.append(1) or build_target(c))
+    nets = networks.init_networks(cfg, state)
+    assert not built and "target" not in nets
+    torch.testing.assert_close(nets["draft"].inner.layers[0].mlp.up_proj.weight,
+                               state["layers.0.mlp.up_proj.weight"].float())
+    cfg.train.target_ar = True
+    assert "target" in networks.init_networks(cfg, state) and built
