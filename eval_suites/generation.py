@@ -84,7 +84,7 @@ def add_generate_args(parser: argparse.ArgumentParser, n_default: int) -> None:
     """The flags every suite's `generate` command shares."""
     parser.add_argument("--ckpt", required=True, help="checkpoint directory for load_pipeline")
     parser.add_argument("--preset", default=None, help="model preset, only for checkpoints without config.json "
-                        "(a NextStep-1 folder: nextstep-1-large)")
+                        "(official NextStep-1.x downloads are read from their own config.json)")
     parser.add_argument("--mode", default="fastardiff", choices=["baseline", "sd", "dmd", "fastardiff"],
                         help="inference mode")
     parser.add_argument("--outdir", required=True, help="folder to write <idx:05d>/samples/*.png into")

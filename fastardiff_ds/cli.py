@@ -9,7 +9,8 @@ from .config import Config, dotted_keys, resolve_config, to_dict
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
-    parser.add_argument("--preset", default=default_preset, help="named preset: tiny | small | nextstep-1-large")
+    parser.add_argument("--preset", default=default_preset, help="named preset: tiny | tiny-bench | small | "
+                        "nextstep-1-large | nextstep-1.1")
     parser.add_argument("--config", default=None, help="JSON/YAML file merged over the preset")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (and valid keys), exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.steps=100 model.ar.num_layers=6")
@@ -30,8 +31,14 @@ def vae_overrides(vae: str | None) -> list[str]:
     return [f"model.image.vae_path={vae}"] if vae else []
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, adopt_teacher: bool = False) -> Config:
+    """adopt_teacher: the model section comes from the `train.teacher` folder's config.json (our export or an
+    official NextStep-1.x download), CLI overrides re-applied on top."""
     cfg = resolve_config(args.preset, args.config, args.overrides)
+    if adopt_teacher:
+        from .models import adopt_teacher_model
+
+        adopt_teacher_model(cfg, args.overrides)
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         print("\nvalid keys:\n  " + "\n  ".join(dotted_keys(cfg)))
@@ -41,10 +48,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def text_and_image_tokenizers(cfg: Config, device="cpu"):
     """Load both tokenizers for a config (asset paths resolve against the repository root)."""
-    from .models import build_image_tokenizer, load_text_tokenizer, resolve_asset
+    from .models import build_image_tokenizer, check_special_token_ids, load_text_tokenizer, resolve_asset
 
     cfg.model.text.path = resolve_asset(cfg.model.text.path)
     text = load_text_tokenizer(cfg.model.text)
+    check_special_token_ids(cfg.model.text, text)
     if text.vocab_size > cfg.model.ar.vocab_size:
         raise ValueError(f"text tokenizer has {text.vocab_size} ids but model.ar.vocab_size="
                          f"{cfg.model.ar.vocab_size}: raise model.ar.vocab_size")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .config import Config, apply_overrides
-from .models import ModelBundle, build_image_tokenizer, load_pretrained, load_text_tokenizer, resolve_asset
+from .models import (ModelBundle, build_image_tokenizer, check_special_token_ids, load_config, load_pretrained,
+                     load_text_tokenizer, resolve_asset)
 from .models.text_tokenizer import cfg_captions
 from .sampling.ar_loop import generate_ar
 from .sampling.common import ARFlow, GenerationResult
@@ -33,6 +34,7 @@ class Pipeline:
         cfg = bundle.cfg
         cfg.model.text.path = resolve_asset(cfg.model.text.path)
         self.text = load_text_tokenizer(cfg.model.text)
+        check_special_token_ids(cfg.model.text, self.text)
         self.image = build_image_tokenizer(cfg.model.image, device)
         if mode in ("dmd", "fastardiff") and bundle.student is None:
             raise ValueError(f"mode '{mode}' needs a distilled student head (student_head.safetensors) in the "
@@ -108,29 +110,30 @@ class Pipeline:
 
 def load_pipeline(ckpt: str, preset: str | None = None, mode: str = "baseline", overrides: list[str] | None = None,
                   device: str | None = None, progress: bool = False, bundle: ModelBundle | None = None) -> Pipeline:
-    """A pipeline from a checkpoint folder. `preset` is needed only for folders without config.json (NextStep-1)."""
+    """A pipeline from a checkpoint folder: our export or an official NextStep-1.x download (its config.json is
+    mapped; `preset` then only fills what it does not say). A folder without config.json needs `preset`.
+    `overrides` apply before the models are built (and to a given `bundle`'s config)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if bundle is None:
-        cfg = None
-        if preset is not None and not (__import__("pathlib").Path(ckpt) / "config.json").is_file():
-            from .config import get_preset
-
-            cfg = get_preset(preset)
+        cfg = load_config(ckpt, preset, overrides)
         bundle = load_pretrained(ckpt, cfg, device)
-    apply_overrides(bundle.cfg, overrides or [])
+    else:
+        apply_overrides(bundle.cfg, overrides or [])
     return Pipeline(bundle, mode, device, progress)
 
 
 def random_init_bundle(cfg: Config, seed: int = 0) -> ModelBundle:
     """Randomly initialised models (only for --random-init smoke runs: the images are noise)."""
     from .models import build_draft, build_head, build_target
+    from .models.weights import resolve_dtype
 
     torch.manual_seed(seed)
     target, head = build_target(cfg).eval(), build_head(cfg).eval()
     bundle = ModelBundle(cfg, target, head, build_draft(cfg, target).eval(), build_head(cfg, student=True).eval(),
                          {"tau": None, "random_init": True})
+    dtype = resolve_dtype(cfg.model.dtype)
     for m in (bundle.target, bundle.head, bundle.draft, bundle.student):
-        m.requires_grad_(False)
+        m.requires_grad_(False).to(dtype)
     return bundle
 
 

@@ -37,7 +37,8 @@ from fastardiff_ds.sampling.compiled import graphs_compiled
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="inference checkpoint (export of launcher/train_t2i.py)")
-    p.add_argument("--preset", default=None, help="only for checkpoints without config.json")
+    p.add_argument("--preset", default=None, help="only for checkpoints without config.json "
+                   "(official NextStep folders are read from their own config.json)")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)

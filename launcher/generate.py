@@ -3,6 +3,8 @@
     python launcher/generate.py --ckpt assets/tiny_teacher --prompt "a photo of a red circle" --num-images 4 \
         --mode baseline --out outputs/red_circle
     python launcher/generate.py --ckpt CKPT --prompts-file prompts.txt --mode fastardiff --out outputs/run
+    python launcher/generate.py --ckpt weights/NextStep-1.1 --prompt "a red fox" --out outputs/fox \
+        model.image.vae_path=weights/NextStep-1-f8ch16-Tokenizer    # an official download as is, bf16
     python launcher/generate.py --preset tiny --random-init --prompt "a red circle" --out /tmp/x   # smoke test
     python launcher/generate.py --ckpt weights/NextStep-1-Large --preset nextstep-1-large \
         --vae weights/NextStep-1-f8ch16-Tokenizer --prompt "a corgi" --out outputs/corgi
@@ -30,8 +32,11 @@ from fastardiff_ds.visual import make_grid
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint folder (config.json + model.safetensors [+ draft/student])")
-    p.add_argument("--preset", default=None, help="preset for --random-init or for a NextStep folder without config.json")
+    p.add_argument("--ckpt", help="checkpoint folder: our export (config.json + model.safetensors [+ draft/"
+                   "student]) or an official NextStep-1.x download as is (config.json, shards + index, tokenizer)")
+    p.add_argument("--preset", default=None, help="preset for --random-init; with --ckpt it only fills what an "
+                   "official config.json does not say (default: its family, nextstep-1.1 or nextstep-1-large), "
+                   "or names the model of a folder without config.json")
     p.add_argument("--random-init", action="store_true", help="no checkpoint: random weights (images are noise)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
@@ -67,7 +72,7 @@ def main(argv=None):
             print("NOTE: --random-init: randomly initialised weights, the images are noise, not a trained model")
         else:
             pipe = load_pipeline(a.ckpt, a.preset, a.mode, a.overrides)
-    except FileNotFoundError as e:  # a missing checkpoint / VAE / tokenizer: the message names the fix
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad folder / config / override / VAE: say what and how
         sys.exit(f"error: {e}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """Fast-ARDiff joint training on DeepSpeed (the main job).
 
     deepspeed launcher/train_t2i.py --ds_config ds_configs/zero3.json                  # tiny preset, 2+ ranks
-    deepspeed --num_gpus 8 launcher/train_t2i.py --ds_config ds_configs/zero3.json --preset nextstep-1-large \
-        train.teacher=/weights/NextStep-1-Large data.shards=/data/cc3m/{00000..00331}.tar run_dir=runs/ns1
+    deepspeed --num_gpus 8 launcher/train_t2i.py --ds_config ds_configs/zero3.json --preset nextstep-1.1 \
+        train.teacher=/weights/NextStep-1.1 data.shards=/data/cc3m/{00000..00331}.tar run_dir=runs/ns1
     ... --resume auto                                                                  # continue the same run
 
 Trains draft AR (L_reg + L_ent), student head (CD then DMD) and optionally the target AR under the annealed
@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--resume", default="auto", help="auto (latest if any) | none | a checkpoint tag or path")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, adopt_teacher=True)  # the model is the train.teacher folder's
     if args.ds_config:
         cfg.train.ds_config = args.ds_config
     E.init_distributed()

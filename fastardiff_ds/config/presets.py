@@ -30,21 +30,33 @@ def small() -> Config:
 
 
 def nextstep_1_large() -> Config:
-    """NextStep-1 (Qwen2.5-14B backbone; head 12 x 1536; 64-d tokens = 16 VAE channels x patch 2^2; 256 px)."""
+    """NextStep-1-Large (Qwen2.5-14B backbone; head 12 x 1536; 64-d tokens = 16 VAE channels x patch 2^2) at the
+    512 px of every released checkpoint but NextStep-1.1-Pretrain-256px: latent 64 x 64, 32 x 32 = 1024 tokens.
+    An official folder's own config.json overrides these (models/nextstep_config.py)."""
     model = ModelConfig(
         ar=ARConfig(hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, intermediate_size=13824,
                     vocab_size=152064, max_position_embeddings=131072, rope_theta=1_000_000.0, rms_norm_eps=1e-5),
         head=HeadConfig(width=1536, depth=12),
-        image=ImageConfig(tokenizer="vae", resolution=256, patch_size=2, channels=16, vae_path="weights/vae",
+        image=ImageConfig(tokenizer="vae", resolution=512, patch_size=2, channels=16, vae_path="weights/vae",
                           token_layernorm=True),
-        text=TextConfig(tokenizer="hf", path="weights/NextStep-1-Large", max_length=256),
+        text=TextConfig(tokenizer="hf", path="weights/NextStep-1-Large", max_length=256,
+                        boi_id=151667, eoi_id=151668, image_placeholder_id=151669),
         draft=DraftConfig(num_layers=6),
         dtype="bfloat16",
     )
     cfg = Config(preset="nextstep-1-large", model=model)
-    cfg.data = DataConfig(shards="", resolution=256, batch_size=4, max_text_len=288, drop_text_prob=0.1)
+    cfg.data = DataConfig(shards="", resolution=512, batch_size=4, max_text_len=288, drop_text_prob=0.1)
     cfg.train.teacher = "weights/NextStep-1-Large"
     cfg.inference.cfg_scale = 7.5  # NextStep-1's default
+    return cfg
+
+
+def nextstep_1_1() -> Config:
+    """NextStep-1.1 (the family its authors recommend): the same 14B backbone, head and 512 px token grid as
+    nextstep-1-large, trained longer plus flow-RL post-training; its config.json uses genloss_* / image_size keys."""
+    cfg = nextstep_1_large()
+    cfg.preset = "nextstep-1.1"
+    cfg.model.text.path = cfg.train.teacher = "weights/NextStep-1.1"
     return cfg
 
 
@@ -63,6 +75,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "tiny-bench": tiny_bench,
     "small": small,
     "nextstep-1-large": nextstep_1_large,
+    "nextstep-1.1": nextstep_1_1,
 }
 
 

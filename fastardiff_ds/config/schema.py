@@ -26,6 +26,7 @@ class ARConfig:
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    o_proj_bias: bool = False  # NextStep `o_attention_bias`: a bias on the attention output projection
 
 
 @dataclass
@@ -78,6 +79,11 @@ class TextConfig:
     max_length: int = 32  # text tokens, before the <image_area> h*w <boi> suffix
     add_special_tokens: bool = False  # hf only: add NextStep-1's special tokens to a plain LM tokenizer
     prompt_style: str = "nextstep-1"  # nextstep-1 | nextstep-1.1 (the 1.1 pipelines prepend the BOS text)
+    # ids the checkpoint was trained with (NextStep config.json `boi`, `eoi`, `image_placeholder_id`); when set,
+    # the loaded tokenizer must map <|begin_of_image|> etc. to them (checked by models.nextstep_config)
+    boi_id: int | None = None
+    eoi_id: int | None = None
+    image_placeholder_id: int | None = None
 
 
 @dataclass
@@ -97,7 +103,7 @@ class ModelConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
-    dtype: str = "float32"  # float32 | bfloat16 (weights at inference)
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype checkpoints are loaded in
 
 
 @dataclass

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, get_preset, update_from_dict
+from ..config import Config, apply_overrides, get_preset, update_from_dict
 from .ar import ARStep, DraftAR, TargetAR, row_entropy
 from .flow_head import FlowHead
 from .image_tokenizers import PixelPatchTokenizer, VAETokenizer, build_image_tokenizer, patchify, unpatchify
 from .kv_cache import KVCache
+from .nextstep_config import check_special_token_ids, folder_kind, official_config
 from .text_tokenizer import TextTokenizer, load_text_tokenizer, resolve_asset
-from .weights import (load_into, nextstep_state, read_state_dict, save_safetensors, split_nextstep_state)
+from .weights import (load_into, load_streaming, nextstep_route, nextstep_state, read_state_dict, resolve_dtype,
+                      save_safetensors, split_nextstep_state)
 
 
 def build_target(cfg: Config) -> TargetAR:
@@ -47,13 +49,23 @@ class ModelBundle:
     meta: dict = field(default_factory=dict)
 
 
-def from_pretrained(local_dir: str | Path, cfg: Config) -> tuple[TargetAR, FlowHead]:
-    """Target AR + head from a NextStep-1-layout checkpoint folder (e.g. a local NextStep-1-Large download)."""
-    ar_state, head_state, _ignored = split_nextstep_state(read_state_dict(local_dir))
-    target, head = build_target(cfg), build_head(cfg)
-    load_into(target, ar_state, f"target AR from '{local_dir}'")
-    load_into(head, head_state, f"flow head from '{local_dir}'")
+def from_pretrained(local_dir: str | Path, cfg: Config, device=None) -> tuple[TargetAR, FlowHead]:
+    """Target AR + head from a NextStep-layout folder (an official NextStep-1.x download or our export), built on
+    the meta device and filled shard by shard in `cfg.model.dtype` (no full fp32 copy of a bf16 checkpoint)."""
+    dtype = resolve_dtype(cfg.model.dtype)
+    with torch.device("meta"):
+        target, head = build_target(cfg), build_head(cfg)
+    load_streaming(local_dir, {"ar": target, "head": head}, nextstep_route, dtype, device or "cpu",
+                   f"target AR + flow head from '{local_dir}'")
     return target, head
+
+
+def _load_part(path: Path, build, cfg: Config, device, what: str):
+    """An optional extra module (draft / student head) from its own safetensors file, same meta-device path."""
+    with torch.device("meta"):
+        module = build()
+    load_streaming(path, {"m": module}, lambda k: ("m", k), resolve_dtype(cfg.model.dtype), device, what)
+    return module
 
 
 def save_pretrained(out_dir: str | Path, cfg: Config, target: TargetAR, head: FlowHead, draft: DraftAR | None = None,
@@ -77,36 +89,67 @@ def cfg_to_dict(cfg: Config) -> dict:
     return to_dict(cfg)
 
 
-def load_config(ckpt_dir: str | Path) -> Config:
-    path = Path(ckpt_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{ckpt_dir}' has no config.json: pass a folder written by "
-                                "save_pretrained / launcher/pretrain_t2i.py, or a NextStep folder with --preset")
-    data = json.loads(path.read_text())
-    cfg = get_preset(data.get("preset", "tiny"))
-    return update_from_dict(cfg, data)
+def load_config(ckpt_dir: str | Path, preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """The config a checkpoint folder is built with, CLI overrides applied (before any model is built).
 
-
-def load_pretrained(ckpt_dir: str | Path, cfg: Config | None = None, device=None) -> ModelBundle:
-    """Load an inference checkpoint folder; missing optional parts (draft, student) are None."""
+    Our export: its config.json is our config tree. An official NextStep-1.x download: its config.json is mapped
+    by `nextstep_config.official_config` (with `preset` or the family preset for what it does not say). A folder
+    without config.json needs `preset`."""
     ckpt = Path(ckpt_dir)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint '{ckpt}' does not exist: pass --ckpt with a folder holding "
-                                "model.safetensors (e.g. assets/tiny_teacher) or train one with launcher/pretrain_t2i.py")
-    cfg = cfg or load_config(ckpt)
-    target, head = from_pretrained(ckpt, cfg)
+                                "model.safetensors (e.g. assets/tiny_teacher) or train one with "
+                                "launcher/pretrain_t2i.py")
+    if not (ckpt / "config.json").is_file():
+        if preset is None:
+            raise FileNotFoundError(f"checkpoint '{ckpt}' has no config.json: pass a folder written by save_pretrained "
+                                    "/ launcher/pretrain_t2i.py, a NextStep-1.x download, or name its --preset")
+        cfg = get_preset(preset)
+    else:
+        kind, data = folder_kind(ckpt)
+        if kind == "ours":
+            cfg = update_from_dict(get_preset(data.get("preset", "tiny")), data)
+        else:
+            cfg = official_config(data, ckpt, preset)
+    apply_overrides(cfg, overrides or [])
+    resolve_dtype(cfg.model.dtype)  # a bad model.dtype fails here, before any weights are read
+    return cfg
+
+
+def adopt_teacher_model(cfg: Config, overrides: list[str] | None = None) -> Config:
+    """Training: take the model section (and its resolution) from the `train.teacher` folder's config.json, then
+    re-apply the CLI overrides, so `train.teacher=<NextStep-1.1 download>` builds the teacher's architecture."""
+    folder = Path(resolve_asset(cfg.train.teacher))
+    if not (folder / "config.json").is_file():
+        return cfg  # a folder without config.json: the preset must match it
+    teacher = load_config(folder)
+    cfg.model = teacher.model
+    cfg.data.resolution = teacher.model.image.resolution
+    if folder_kind(folder)[0] == "official":
+        cfg.pretrain.batch_mul = teacher.pretrain.batch_mul
+    return apply_overrides(cfg, overrides or [])
+
+
+def load_pretrained(ckpt_dir: str | Path, cfg: Config | None = None, device=None,
+                    overrides: list[str] | None = None) -> ModelBundle:
+    """Load an inference checkpoint folder; missing optional parts (draft, student) are None. `overrides` apply
+    to the config before the models are built (they are ignored when `cfg` is given)."""
+    ckpt = Path(ckpt_dir)
+    cfg = cfg or load_config(ckpt, None, overrides)
+    device = device or "cpu"
+    target, head = from_pretrained(ckpt, cfg, device)
     bundle = ModelBundle(cfg, target, head)
     if (ckpt / "draft.safetensors").is_file():
-        bundle.draft = DraftAR(cfg.model)
-        load_into(bundle.draft, read_state_dict(ckpt / "draft.safetensors"), f"draft AR from '{ckpt}'")
+        bundle.draft = _load_part(ckpt / "draft.safetensors", lambda: DraftAR(cfg.model), cfg, device,
+                                  f"draft AR from '{ckpt}'")
     if (ckpt / "student_head.safetensors").is_file():
-        bundle.student = build_head(cfg, student=True)
-        load_into(bundle.student, read_state_dict(ckpt / "student_head.safetensors"), f"student head from '{ckpt}'")
+        bundle.student = _load_part(ckpt / "student_head.safetensors", lambda: build_head(cfg, student=True), cfg,
+                                    device, f"student head from '{ckpt}'")
     if (ckpt / "meta.json").is_file():
         bundle.meta = json.loads((ckpt / "meta.json").read_text())
     for m in (bundle.target, bundle.head, bundle.draft, bundle.student):
         if m is not None:
-            m.eval().requires_grad_(False).to(device or "cpu")
+            m.eval().requires_grad_(False)
     return bundle
 
 
@@ -116,7 +159,8 @@ def count_params(module: torch.nn.Module) -> int:
 
 __all__ = [
     "ARStep", "DraftAR", "FlowHead", "KVCache", "ModelBundle", "PixelPatchTokenizer", "TargetAR", "TextTokenizer",
-    "VAETokenizer", "build_draft", "build_head", "build_image_tokenizer", "build_target", "count_params",
-    "from_pretrained", "load_config", "nextstep_state", "load_pretrained", "load_text_tokenizer", "patchify", "resolve_asset",
-    "row_entropy", "save_pretrained", "unpatchify",
+    "VAETokenizer", "adopt_teacher_model", "build_draft", "build_head", "build_image_tokenizer", "build_target",
+    "check_special_token_ids", "count_params", "folder_kind", "from_pretrained", "load_config", "load_pretrained",
+    "load_text_tokenizer", "nextstep_state", "official_config", "patchify", "resolve_asset", "row_entropy",
+    "save_pretrained", "unpatchify",
 ]

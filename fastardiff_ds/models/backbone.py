@@ -31,6 +31,7 @@ def qwen2_config(ar: ARConfig, num_layers: int | None = None) -> Qwen2Config:
         tie_word_embeddings=False,
     )
     cfg._attn_implementation = "sdpa"
+    cfg.o_proj_bias = ar.o_proj_bias
     return cfg
 
 
@@ -72,6 +73,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: Qwen2Config, layer_idx: int):
         super().__init__()
         self.self_attn = Qwen2Attention(config, layer_idx)
+        if getattr(config, "o_proj_bias", False):  # NextStep `o_attention_bias: true` (Qwen2 has none)
+            o = self.self_attn.o_proj
+            self.self_attn.o_proj = nn.Linear(o.in_features, o.out_features, bias=True, device=o.weight.device)
         self.mlp = Qwen2MLP(config)
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -137,6 +141,12 @@ class Qwen2Backbone(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(c, i) for i in range(c.num_hidden_layers)])
         self.norm = Qwen2RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=c)
+
+    def rebuild_rope(self, device=None) -> None:
+        """Recompute the RoPE frequencies (a non-persistent fp32 buffer, absent from checkpoints) on `device`;
+        needed after building on the meta device and loading the weights with `assign=True`."""
+        with torch.device(device or "cpu"):
+            self.rotary_emb = Qwen2RotaryEmbedding(config=self.config)
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None, static: bool = False) -> KVCache:
         c, w = self.config, self.embed_tokens.weight

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import Config
 from ..models import DraftAR, FlowHead, TargetAR, build_head, build_target
+from ..models.ar import target_to_draft_state
 
 
 class Dispatch(nn.Module):
@@ -77,21 +78,23 @@ def load_teacher_state(cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def init_networks(cfg: Config, teacher_state: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
-    """Trainable networks initialised from the teacher: target AR (optional), draft (first k layers + own norm),
-    student head (teacher head + zero-initialised guidance embedding), fake score (teacher head)."""
-    target = build_target(cfg)
-    target.load_state_dict({k: v for k, v in teacher_state.items() if not k.startswith("image_head.")})
+    """Trainable networks initialised from the teacher: target AR (only with train.target_ar), draft (first k layers
+    + own norm), student head (teacher head + zero-initialised guidance embedding), fake score (teacher head).
+    The full target is not built unless it is trained: at 14B it would be a 56 GB fp32 copy per rank."""
+    ar_state = {k: v for k, v in teacher_state.items() if not k.startswith("image_head.")}
     head_state = {k.removeprefix("image_head."): v for k, v in teacher_state.items() if k.startswith("image_head.")}
     student, fake = build_head(cfg, student=True), build_head(cfg)
     missing, unexpected = student.load_state_dict(head_state, strict=False)
     if unexpected or any(not k.startswith("guidance_embed.") for k in missing):
         raise ValueError(f"student head init: unexpected {unexpected[:4]}, missing {missing[:4]}")
     fake.load_state_dict(head_state)
-    draft = DraftAR.from_target(target, cfg.model)
+    draft = DraftAR(cfg.model)
+    draft.load_state_dict(target_to_draft_state(ar_state, cfg.model.draft.num_layers))
     if not cfg.model.draft.train_embeddings:  # 778M frozen params at 14B scale: the draft reuses the target's
         draft.embed_tokens.requires_grad_(False)
-    nets = {"draft": Dispatch(draft), "student": Dispatch(student),
-            "fake": Dispatch(fake)}
+    nets = {"draft": Dispatch(draft), "student": Dispatch(student), "fake": Dispatch(fake)}
     if cfg.train.target_ar:
+        target = build_target(cfg)
+        target.load_state_dict(ar_state)
         nets["target"] = Dispatch(target)
     return nets

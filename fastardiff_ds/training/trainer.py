@@ -72,7 +72,9 @@ class JointTrainer:
                                   group_size=t.teacher_group_size or None, replicate=t.teacher_replicate)
         path = self.run_dir / "init" / "teacher.safetensors"
         if E.is_rank0():
-            full = build_teacher_net(self.cfg)
+            with torch.device("meta"):  # names only: no full-size (fp32) teacher on rank 0
+                full = build_teacher_net(self.cfg)
+            full.inner.ar.rebuild_rope("cpu")  # the one non-persistent buffer, written with the weights
             keys = {n: n.removeprefix("inner.") for n in full.state_dict()}
             wrapped = {n: (state[k.removeprefix("ar.")] if k.startswith("ar.") else state["image_head." + k[5:]])
                        for n, k in keys.items()}

@@ -176,12 +176,13 @@ def test_flow_head_init_and_guidance(tiny_cfg):
     assert student(x, t, c, guidance=torch.full((5,), 3.0)).shape == (5, 48)
 
 
-def test_large_preset_sizes_on_meta_device():
+@pytest.mark.parametrize("preset", ["nextstep-1-large", "nextstep-1.1"])
+def test_large_preset_sizes_on_meta_device(preset):
     from fastardiff_ds.config import get_preset
 
-    cfg = get_preset("nextstep-1-large")
+    cfg = get_preset(preset)
     with torch.device("meta"):
         ar, head = build_target(cfg), build_head(cfg)
     assert abs(count_params(ar) / 14e9 - 1) < 0.02
     assert abs(count_params(head) / 157e6 - 1) < 0.02
-    assert cfg.model.image.token_dim == 64 and cfg.model.image.num_tokens == 256
+    assert cfg.model.image.token_dim == 64 and cfg.model.image.num_tokens == 1024  # 512 px: 64^2 latent, patch 2
