@@ -30,6 +30,7 @@ from ..models.ar import ARStep, row_entropy
 from ..models.backbone import Positions, Qwen2Backbone
 from .flow import SamplerConfig, Trajectory, sample_tokens, time_grid, transition_mean, transition_stds
 
+CACHE_BUCKET = 128  # static caches are allocated in multiples of this many slots
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -111,6 +112,8 @@ class CompiledAR:
         return getattr(self.ar, name)
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None):
+        # Round the length up to a bucket: prompts of other lengths then reuse the same graphs (no recompilation)
+        max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
         cache = self.ar.new_cache(batch_size, max_len, device, dtype, static=True)
         return cache.mark_static_addresses() if self.device.type == "cuda" else cache
 
