@@ -47,7 +47,13 @@ def nextstep_1_large() -> Config:
     cfg = Config(preset="nextstep-1-large", model=model)
     cfg.data = DataConfig(shards="", resolution=512, batch_size=4, max_text_len=288, drop_text_prob=0.1)
     cfg.train.teacher = "weights/NextStep-1-Large"
-    cfg.inference.cfg_scale = 7.5  # NextStep-1's default
+    # the official text-to-image example of NextStep-1-Large: its sampler, 50 steps, CFG 7.5 constant, shift 1, use_norm
+    inf = cfg.inference
+    inf.sampler, inf.num_steps, inf.cfg_scale, inf.cfg_schedule, inf.time_shift = "nextstep", 50, 7.5, "constant", 1.0
+    inf.positive_prompt = "masterpiece, film grained, best quality."
+    inf.negative_prompt = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
+                           "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, "
+                           "username, blurry.")
     return cfg
 
 
@@ -57,6 +63,9 @@ def nextstep_1_1() -> Config:
     cfg = nextstep_1_large()
     cfg.preset = "nextstep-1.1"
     cfg.model.text.path = cfg.train.teacher = "weights/NextStep-1.1"
+    cfg.model.text.prompt_style = "nextstep-1.1"
+    # NextStep-1.1's sampler (noise level 0.8) at vLLM-Omni's serving defaults: 28 steps, CFG 7.5
+    cfg.inference.sampler, cfg.inference.num_steps, cfg.inference.noise_level = "nextstep-1.1", 28, None
     return cfg
 
 
