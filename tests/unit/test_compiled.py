@@ -135,3 +135,20 @@ def test_sample_rows_uses_the_chain():
 def test_compile_mode_is_validated():
     with pytest.raises(ValueError, match="inference.compile_mode"):
         CompileOptions(mode="fast")
+
+
+@pytest.mark.slow
+def test_speculative_decoding_stays_lossless_with_compiled_chains():
+    """The losslessness test of test_speculative_exact.py with every head chain (draft, target, residual proposals)
+    run by compiled HeadChains (inductor kernels): tokens still distributed as target-only sampling."""
+    from test_speculative_exact import models, spec_vs_target
+
+    from fastardiff_ds.sampling.speculative import SpecConfig
+
+    target, draft = models()
+    opts = CompileOptions()
+    target = dataclasses.replace(target, chain=HeadChain(target.head, opts))
+    draft = dataclasses.replace(draft, chain=HeadChain(draft.head, opts))
+    out, p = spec_vs_target(target, draft, SpecConfig(gamma=3, tau=0.5), label="compiled chains")
+    assert 0.3 < out.stats.acceptance_rate < 0.8 and out.stats.fallbacks == 0
+    assert p > 0.01
