@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, apply_overrides, get_preset, update_from_dict
+from ..config import Config, apply_overrides, get_preset, reset_derived, update_from_dict
 from .ar import ARStep, DraftAR, TargetAR, row_entropy
 from .flow_head import FlowHead
 from .image_tokenizers import PixelPatchTokenizer, VAETokenizer, build_image_tokenizer, patchify, unpatchify
@@ -108,7 +108,7 @@ def load_config(ckpt_dir: str | Path, preset: str | None = None, overrides: list
     else:
         kind, data = folder_kind(ckpt)
         if kind == "ours":
-            cfg = update_from_dict(get_preset(data.get("preset", "tiny")), data)
+            cfg = reset_derived(update_from_dict(get_preset(data.get("preset", "tiny")), data))  # re-derived
         else:
             cfg = official_config(data, ckpt, preset)
     apply_overrides(cfg, overrides or [])
@@ -123,8 +123,7 @@ def adopt_teacher_model(cfg: Config, overrides: list[str] | None = None) -> Conf
     if not (folder / "config.json").is_file():
         return cfg  # a folder without config.json: the preset must match it
     teacher = load_config(folder)
-    cfg.model = teacher.model
-    cfg.data.resolution = teacher.model.image.resolution
+    cfg.model = teacher.model  # derived keys (data.resolution, data.max_text_len) follow it when validated
     if folder_kind(folder)[0] == "official":
         cfg.pretrain.batch_mul = teacher.pretrain.batch_mul
     return apply_overrides(cfg, overrides or [])
