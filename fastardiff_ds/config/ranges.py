@@ -3,7 +3,8 @@
 A value outside its range is refused when the config is resolved, before any data or weights are read, with
 an error naming the key, the range and the value (e.g. `train.gen_every=0` used to crash at the first DMD step).
 Tuple keys (`train.betas`) apply the range to every item; `None` (Optional keys) is always allowed. Keys that may
-take any value are listed in UNBOUNDED, so a test can check that every numeric key is in one of the two.
+take any value are listed in UNBOUNDED, those whose range depends on other keys in BY_RULE (rules.py), so a test
+can check that every numeric key is in one of the three.
 """
 from __future__ import annotations
 
@@ -91,3 +92,5 @@ UNBOUNDED = frozenset({
     "model.image.shift_factor",  # latents are (z - shift) * scale; any real shift
     "inference.tau",  # an entropy threshold; -inf disables early stopping
 })
+# numeric keys whose range depends on other keys: checked by rules.py
+BY_RULE = frozenset({"model.draft.entropy_layer", "model.draft.shallow_layer"})  # layers of the draft

@@ -80,7 +80,7 @@ def check_model(cfg: Any) -> None:
               "layers; use at most model.ar.num_layers")
     for name in ("entropy_layer", "shallow_layer"):
         layer = getattr(m.draft, name)
-        if not -k <= layer < k:
+        if not -max(k, 2) <= layer < k:  # -2 (the default, "penultimate") is the only layer of a 1-layer draft
             _fail(f"model.draft.{name}={layer} is not a layer of the {k}-layer draft: use 0..{k - 1} "
                   f"(or -{k}..-1 from the end; model.draft.num_layers={k})")
     for name in ("boi_id", "eoi_id", "image_placeholder_id"):
