@@ -26,7 +26,13 @@ def dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+# keys that no longer exist, with why: config files and checkpoints that still hold them load without them
+RETIRED = {"model.head.guidance_embed": "the student head always has the guidance embedding and the teacher none"}
+
+
 def _unknown(key: str, cfg: Any, prefix: str = "") -> ConfigError:
+    if key in RETIRED:
+        return ConfigError(f"config key '{key}' was removed: {RETIRED[key]}")
     valid = [prefix + k for k in dotted_keys(cfg)]
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
     hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -219,6 +225,8 @@ def update_from_dict(cfg: Any, data: dict, prefix: str = "", root: Any = None) -
     root = cfg if root is None else root
     for name, value in data.items():
         key = f"{prefix}{name}"
+        if key in RETIRED:
+            continue
         if not dataclasses.is_dataclass(cfg) or name not in {f.name for f in dataclasses.fields(cfg)}:
             raise _unknown(key, cfg, prefix)
         current = getattr(cfg, name)

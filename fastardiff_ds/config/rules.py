@@ -61,9 +61,8 @@ def _fail(msg: str) -> None:
     raise ConfigError(msg)
 
 
-def check_model(cfg: Any) -> None:
-    m = cfg.model
-    im, ar, k = m.image, m.ar, m.draft.num_layers
+def check_image(cfg: Any) -> None:
+    im = cfg.model.image
     down = im.vae_downsample if im.tokenizer == "vae" else 1
     if im.resolution % (down * im.patch_size):
         _fail(f"model.image.resolution={im.resolution} is not a multiple of {down * im.patch_size} "
@@ -72,6 +71,11 @@ def check_model(cfg: Any) -> None:
     if im.tokenizer == "pixel" and im.channels != 3:
         _fail(f"model.image.channels={im.channels} with model.image.tokenizer='pixel': pixel tokens are RGB, "
               "set model.image.channels=3 (16 is the VAE's, with tokenizer='vae')")
+
+
+def check_networks(cfg: Any) -> None:
+    m = cfg.model
+    ar, k = m.ar, m.draft.num_layers
     if ar.hidden_size % ar.num_heads or ar.num_heads % ar.num_kv_heads:
         _fail(f"model.ar.hidden_size={ar.hidden_size} must be a multiple of model.ar.num_heads={ar.num_heads}, "
               f"and num_heads a multiple of model.ar.num_kv_heads={ar.num_kv_heads}")
@@ -123,6 +127,6 @@ def check_preset(cfg: Any) -> None:
 def resolve(cfg: Any) -> Any:
     """Derive the derived keys, then apply every cross-field rule (ConfigError naming the keys)."""
     derive(cfg)
-    for rule in (check_preset, check_model, check_data, check_train):
+    for rule in (check_preset, check_image, check_networks, check_data, check_train):
         rule(cfg)
     return cfg

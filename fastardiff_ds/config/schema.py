@@ -39,7 +39,7 @@ class HeadConfig:
     width: int = 256
     depth: int = 4
     mlp_ratio: float = 1.0
-    guidance_embed: bool = False  # a CFG-distilled student takes the guidance scale as input
+    # (no guidance_embed knob: the CFG-distilled student head always has the guidance embedding, the teacher none)
 
 
 @dataclass

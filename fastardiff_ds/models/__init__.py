@@ -27,10 +27,7 @@ def build_target(cfg: Config) -> TargetAR:
 
 def build_head(cfg: Config, student: bool = False) -> FlowHead:
     """Teacher head, or (student=True) a head with the guidance-scale embedding for CFG distillation."""
-    hc = cfg.model.head
-    if student and not hc.guidance_embed:
-        hc = type(hc)(**{**hc.__dict__, "guidance_embed": True})
-    return FlowHead(hc, cfg.model.image.token_dim, cfg.model.ar.hidden_size)
+    return FlowHead(cfg.model.head, cfg.model.image.token_dim, cfg.model.ar.hidden_size, guidance_embed=student)
 
 
 def build_draft(cfg: Config, target: TargetAR) -> DraftAR:

@@ -152,6 +152,19 @@ def test_cross_field_rules(overrides, msg):
         resolve_config("tiny", overrides=overrides)
 
 
+def test_the_retired_guidance_embed_knob(tmp_path):
+    """model.head.guidance_embed was a knob whose only working value was false (true broke the teacher): the role
+    decides now. Setting it is refused with the reason; old config files and checkpoints holding it still load."""
+    with pytest.raises(ConfigError, match="'model.head.guidance_embed' was removed: the student head always has"):
+        resolve_config("tiny", overrides=["model.head.guidance_embed=true"])
+    (tmp_path / "old.json").write_text(json.dumps({"model": {"head": {"width": 64, "guidance_embed": False}}}))
+    assert resolve_config("tiny", config_file=str(tmp_path / "old.json")).model.head.width == 64
+    from fastardiff_ds.models import build_head, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "assets" / "tiny_teacher")  # written with the knob
+    assert build_head(cfg).guidance_embed is None and build_head(cfg, student=True).guidance_embed is not None
+
+
 def test_cross_field_edges_that_are_allowed():
     cfg = resolve_config("tiny", overrides=["train.cd_steps=60", "model.draft.num_layers=4",
                                             "model.draft.entropy_layer=-4", "model.draft.shallow_layer=3"])
