@@ -257,7 +257,12 @@ def load_file(cfg: Any, path: str | Path) -> Any:
         data = yaml.safe_load(text) or {}
     else:
         data = json.loads(text)
-    return update_from_dict(cfg, data)
+    update_from_dict(cfg, data)
+    if hasattr(cfg, "resolve_rules"):  # a resolved config.json holds derived values: they follow their source again
+        from .rules import reset_derived
+
+        reset_derived(cfg)
+    return cfg
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

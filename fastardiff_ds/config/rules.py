@@ -28,6 +28,8 @@ DERIVED: dict[str, Callable[[Any], Any]] = {
     "data.resolution": lambda c: c.model.image.resolution,  # the loader decodes at the model's resolution
     "data.max_text_len": lambda c: c.model.text.max_length + prompt_suffix_bound(c),
     "data.seed": lambda c: c.seed,  # data order follows the run's seed unless set apart
+    # the DMD generator is trained on a fixed few-step grid: sample the student on that grid unless told otherwise
+    "inference.student_steps": lambda c: c.train.student_steps,
 }
 
 
@@ -49,11 +51,14 @@ def derive(cfg: Any) -> None:
 
 
 def reset_derived(cfg: Any) -> Any:
-    """Mark every derived key unset (a config read back from a checkpoint recomputes them from its model)."""
-    for key in DERIVED:
+    """A config read back from a file holds every derived value as a plain value: the ones equal to what their
+    source gives are marked derived again (they follow the model if an override changes it), the others stay as
+    the user set them."""
+    auto = cfg.__dict__.setdefault("_derived_keys", set())
+    for key, source in DERIVED.items():
         obj, leaf = _section(cfg, key)
-        setattr(obj, leaf, None)
-    cfg.__dict__["_derived_keys"] = set(DERIVED)
+        if getattr(obj, leaf) in (None, source(cfg)):
+            auto.add(key)
     return cfg
 
 

@@ -141,7 +141,7 @@ class InferenceConfig:
     cfg_schedule: Literal["constant", "linear", "linear-rising"] = "constant"
     positive_prompt: str = ""  # appended to every prompt after a space (official positive_prompt)
     negative_prompt: str = ""  # the unconditional CFG rows' text ("" = plain unconditional)
-    student_steps: int = 2  # few-step student head (dmd / fastardiff modes)
+    student_steps: int | None = None  # few-step student head (dmd / fastardiff modes); None = train.student_steps
     student_final_std: float = 0.02  # > 0 so the student chain has a density (exact verification)
     gamma: int = 4  # draft length (the most tokens drafted per round)
     # fixed: gamma every round; adaptive: per sample, the gamma that pays (exact)

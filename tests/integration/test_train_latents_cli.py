@@ -32,8 +32,9 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     save_pretrained(root / "teacher", cfg, build_target(cfg), build_head(cfg))
     write_shapes_dataset(str(root / "pixels"), num_samples=24, shard_size=12, resolution=32)
-    out = encode_shards(expand_shards(str(root / "pixels")), str(root / "latents"), PixelPatchTokenizer(cfg.model.image),
-                        resolution=32, batch_size=8)
+    tokenizer = PixelPatchTokenizer(cfg.model.image)  # (N, D) tokens, as encode_latents.py stores a VAE's
+    out = encode_shards(expand_shards(str(root / "pixels")), str(root / "latents"), tokenizer, resolution=32,
+                        batch_size=8)
     assert out["samples"] == 24
     return root
 

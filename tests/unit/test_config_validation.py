@@ -28,8 +28,9 @@ def test_the_issue_examples_are_refused_naming_the_key():
         resolve_config("tiny", overrides=["train.on_nonfinite=skp"])
     with pytest.raises(ConfigError, match=r"'train.gen_every' must be >= 1; got 0"):
         resolve_config("tiny", overrides=["train.gen_every=0"])
-    with pytest.raises(ConfigError, match=r"data.max_text_len=38 would cut the prompt suffix "
-                                          r"`<\|image_area\|>8\*8<\|begin_of_image\|>`.*model.text.max_length=32.*>= 39"):
+    suffix = re.escape("`<|image_area|>8*8<|begin_of_image|>`")
+    with pytest.raises(ConfigError, match=rf"data.max_text_len=38 would cut the prompt suffix {suffix}.*"
+                                          r"model.text.max_length=32.*>= 39"):
         resolve_config("tiny", overrides=["data.max_text_len=38"])
     with pytest.raises(ConfigError, match="'model.dtype' must be one of 'float32', 'bfloat16', 'float16'; got 'fp8'"):
         resolve_config("tiny", overrides=["model.dtype=fp8"])
@@ -178,6 +179,9 @@ def test_derived_keys_follow_their_source_unless_set():
     assert cfg.data.max_text_len == 32 + 1 + 1 + len("16*16") + 1 + 1  # BOS, <|image_area|>, h*w (+1), <boi>
     apply_overrides(cfg, ["model.text.max_length=50", "model.text.prompt_style=nextstep-1.1"])
     assert cfg.data.max_text_len == 50 + 2 + 1 + 6 + 1  # the 1.1 style may add a second BOS
+    assert cfg.inference.student_steps == cfg.train.student_steps == 2
+    apply_overrides(cfg, ["train.student_steps=4"])
+    assert cfg.inference.student_steps == 4  # the student samples on the grid it was trained on
     cfg = resolve_config("tiny", overrides=["data.max_text_len=100", "data.seed=9", "seed=1"])
     assert (cfg.data.max_text_len, cfg.data.seed) == (100, 9)
     apply_overrides(cfg, ["model.text.max_length=40"])
@@ -186,17 +190,24 @@ def test_derived_keys_follow_their_source_unless_set():
         apply_overrides(cfg, ["model.text.max_length=95"])
 
 
-def test_a_checkpoint_config_rederives_for_another_model(tmp_path):
+def test_a_saved_config_rederives_what_was_derived(tmp_path):
+    """Checkpoints and resolved config files hold derived values as plain values: those equal to their source's
+    follow it again, those the user set stay."""
     import torch
 
+    from fastardiff_ds.config import save_config
     from fastardiff_ds.models import build_head, build_target, load_config, save_pretrained
 
-    cfg = get_preset("tiny")
-    cfg.model.ar.num_layers = cfg.model.draft.num_layers = 1
+    cfg = resolve_config("tiny", overrides=["model.ar.num_layers=1", "model.draft.num_layers=1", "data.seed=3",
+                                            "inference.student_steps=1"])
     torch.manual_seed(0)
     save_pretrained(tmp_path / "ckpt", cfg, build_target(cfg), build_head(cfg))
-    again = load_config(tmp_path / "ckpt", overrides=["model.text.max_length=64"])
+    again = load_config(tmp_path / "ckpt", overrides=["model.text.max_length=64", "seed=5"])
     assert again.data.max_text_len == 64 + 7 and again.model.ar.num_layers == 1
+    assert (again.data.seed, again.inference.student_steps) == (3, 1)  # set by the user: kept
+    save_config(cfg, tmp_path / "config.json")
+    again = resolve_config("tiny", config_file=str(tmp_path / "config.json"), overrides=["model.image.resolution=64"])
+    assert (again.data.resolution, again.data.seed) == (64, 3)
 
 
 def test_the_derived_text_length_never_cuts_begin_of_image(tmp_path):
