@@ -92,9 +92,16 @@ def check_networks(cfg: Any) -> None:
         if not -max(k, 2) <= layer < k:  # -2 (the default, "penultimate") is the only layer of a 1-layer draft
             _fail(f"model.draft.{name}={layer} is not a layer of the {k}-layer draft: use 0..{k - 1} "
                   f"(or -{k}..-1 from the end; model.draft.num_layers={k})")
+
+
+def check_text(cfg: Any) -> None:
+    m = cfg.model
+    if m.text.add_special_tokens and m.text.tokenizer != "hf":
+        _fail("model.text.add_special_tokens=true applies to model.text.tokenizer='hf' only (a sentencepiece model "
+              "must already hold the special tokens: data_pipelines/train_tokenizer.py)")
     for name in ("boi_id", "eoi_id", "image_placeholder_id"):
-        if (i := getattr(m.text, name)) is not None and i >= ar.vocab_size:
-            _fail(f"model.text.{name}={i} is outside model.ar.vocab_size={ar.vocab_size}")
+        if (i := getattr(m.text, name)) is not None and i >= m.ar.vocab_size:
+            _fail(f"model.text.{name}={i} is outside model.ar.vocab_size={m.ar.vocab_size}")
 
 
 def check_data(cfg: Any) -> None:
@@ -132,6 +139,6 @@ def check_preset(cfg: Any) -> None:
 def resolve(cfg: Any) -> Any:
     """Derive the derived keys, then apply every cross-field rule (ConfigError naming the keys)."""
     derive(cfg)
-    for rule in (check_preset, check_image, check_networks, check_data, check_train):
+    for rule in (check_preset, check_image, check_networks, check_text, check_data, check_train):
         rule(cfg)
     return cfg

@@ -140,6 +140,7 @@ def test_nan_and_wrong_types_from_a_file_are_refused(tmp_path):
     (["model.draft.entropy_layer=2"], r"model.draft.entropy_layer=2 is not a layer of the 2-layer draft"),
     (["model.draft.shallow_layer=-3"], r"model.draft.shallow_layer=-3 is not a layer .* use 0..1"),
     (["model.draft.num_layers=1", "model.draft.shallow_layer=1"], r"shallow_layer=1 is not a layer of the 1-layer"),
+    (["model.text.add_special_tokens=true"], r"add_special_tokens=true applies to model.text.tokenizer='hf' only"),
     (["model.text.boi_id=512"], r"model.text.boi_id=512 is outside model.ar.vocab_size=512"),
     (["data.resolution=64"], r"data.resolution=64 != model.image.resolution=32"),
     (["model.ar.max_position_embeddings=100"], r"data.max_text_len=39 \+ 64 image tokens exceed "
