@@ -7,6 +7,9 @@ The tokenizer is `fastardiff_ds.models.image_tokenizers.VAETokenizer.from_local(
 preset's image config and vae_path=PATH (imported lazily); what its `encode` returns per image is
 stored as is ((C,h,w) latents or (N,D) patch tokens). From Python, any object with
 `encode(pixels (B,3,H,W) in [-1,1]) -> (B,C,h,w) | (B,N,D)` works via `encode_shards`.
+Both trainers then read the cache with `data.kind=latents data.shards=OUT` (training/batch.py: (N,D) tokens as
+they are, (C,h,w) normalised latents patchified), without running the VAE; the cache must be encoded at the
+model's resolution (the default here: the preset's model.image.resolution).
 """
 from __future__ import annotations
 
@@ -35,12 +38,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vae", required=True, help="VAE folder: the official NextStep-1-f8ch16-Tokenizer (config.json + "
                    "checkpoint.pt) or a diffusers AutoencoderKL folder (VAETokenizer.from_local)")
     p.add_argument("--preset", default="nextstep-1-large", help="config preset whose image settings to use")
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=int, default=None,
+                   help="pixels per side before encoding (default: the preset's model.image.resolution, which the "
+                        "trainers' data.kind=latents expects)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     vae = load_vae(a.vae, a.preset, a.device)
+    if a.resolution is None:
+        from fastardiff_ds.config import get_preset
+
+        a.resolution = get_preset(a.preset).model.image.resolution
     result = encode_shards(expand_shards(a.shards), a.out, vae, a.resolution, a.batch_size, a.dtype, device=a.device)
     print(json.dumps(result))
     return result

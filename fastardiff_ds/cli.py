@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .config import Config, dotted_keys, resolve_config, to_dict
+from .config import Config, ConfigError, dotted_keys, resolve_config, to_dict
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
@@ -33,12 +33,16 @@ def vae_overrides(vae: str | None) -> list[str]:
 
 def config_from_args(args: argparse.Namespace, adopt_teacher: bool = False) -> Config:
     """adopt_teacher: the model section comes from the `train.teacher` folder's config.json (our export or an
-    official NextStep-1.x download), CLI overrides re-applied on top."""
-    cfg = resolve_config(args.preset, args.config, args.overrides)
-    if adopt_teacher:
-        from .models import adopt_teacher_model
+    official NextStep-1.x download), CLI overrides re-applied on top. A bad key or value exits with the
+    ConfigError's message (naming the key and the valid values) before anything is built or read."""
+    try:
+        cfg = resolve_config(args.preset, args.config, args.overrides)
+        if adopt_teacher:
+            from .models import adopt_teacher_model
 
-        adopt_teacher_model(cfg, args.overrides)
+            adopt_teacher_model(cfg, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         print("\nvalid keys:\n  " + "\n  ".join(dotted_keys(cfg)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 
 @dataclass
@@ -16,7 +17,7 @@ class WandbConfig:
     enabled: bool = True
     project: str = "fastardiff-ds"
     entity: str = ""
-    mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
+    mode: Literal["offline", "online", "disabled"] = "offline"  # WANDB_MODE overrides
     group: str = ""
     tags: tuple[str, ...] = ()
 

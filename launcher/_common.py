@@ -12,6 +12,8 @@ DEFAULT_SHAPES_SAMPLES = 60000
 def ensure_shapes_data(cfg: Config, num_samples: int = DEFAULT_SHAPES_SAMPLES) -> None:
     """The tiny preset trains on the synthetic shapes set; generate it at `data.shards` if that folder is empty."""
     path = Path(cfg.data.shards)
+    if cfg.data.kind == "latents":  # latent shards come from data_pipelines/encode_latents.py, never generated here
+        return
     if not cfg.preset.startswith("tiny") or any(ch in cfg.data.shards for ch in "{*") or path.suffix in (".tar", ".txt"):
         return
     if path.is_dir() and any(path.glob("*.tar")):

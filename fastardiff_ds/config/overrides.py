@@ -13,9 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and the fix."""
+from .checks import ConfigError, check_ranges, check_types, choices_error
 
 
 def dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -28,7 +26,13 @@ def dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+# keys that no longer exist, with why: config files and checkpoints that still hold them load without them
+RETIRED = {"model.head.guidance_embed": "the student head always has the guidance embedding and the teacher none"}
+
+
 def _unknown(key: str, cfg: Any, prefix: str = "") -> ConfigError:
+    if key in RETIRED:
+        return ConfigError(f"config key '{key}' was removed: {RETIRED[key]}")
     valid = [prefix + k for k in dotted_keys(cfg)]
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
     hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -149,6 +153,8 @@ def parse_value(raw: str, typ: Any, key: str) -> Any:
     try:
         return _parse_scalar(raw, typ, key)
     except (ValueError, TypeError, json.JSONDecodeError) as e:
+        if origin is typing.Literal:
+            raise choices_error(key, typing.get_args(typ), raw) from None
         detail = f": {e}" if str(e) and str(e) != raw else ""
         raise ConfigError(f"config key '{key}' expects {type_name(typ)}, got {raw!r}{detail}") from None
 
@@ -167,6 +173,14 @@ def set_key(cfg: Any, key: str, raw: Any) -> None:
         raise ConfigError(f"config key '{key}' is a section; set one of its fields, e.g. '{key}.<field>=...'")
     value = parse_value(raw, _field_type(obj, leaf), key) if isinstance(raw, str) else raw
     setattr(obj, leaf, value)
+    mark_explicit(cfg, key)
+
+
+def mark_explicit(root: Any, key: str) -> None:
+    """`key` was set by the user: a derived key (rules.DERIVED) keeps this value instead of being recomputed."""
+    derived = getattr(root, "_derived_keys", None)
+    if derived is not None:
+        derived.discard(key)
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
@@ -180,7 +194,13 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
 
 
 def validate(cfg: Any, prefix: str = "") -> Any:
-    """Re-run every section's `__post_init__` checks (overrides are set after construction)."""
+    """Check a config tree, in this order: every key's type and enum values (checks.check_types), every numeric
+    key's range (ranges.RANGES), every section's `__post_init__` (overrides are set after construction), then the
+    root's `resolve_rules()` if it has one (Config: derived values and cross-field rules, rules.py). Every error is
+    a ConfigError naming the key."""
+    if not prefix:
+        check_types(cfg)
+        check_ranges(cfg)
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
@@ -191,6 +211,8 @@ def validate(cfg: Any, prefix: str = "") -> Any:
             check()
         except (ValueError, TypeError) as e:
             raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}': {e}") from None
+    if not prefix and hasattr(cfg, "resolve_rules"):
+        cfg.resolve_rules()
     return cfg
 
 
@@ -198,17 +220,20 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def update_from_dict(cfg: Any, data: dict, prefix: str = "") -> Any:
+def update_from_dict(cfg: Any, data: dict, prefix: str = "", root: Any = None) -> Any:
     """Strictly merge a nested dict (from a file or a checkpoint) into a dataclass tree."""
+    root = cfg if root is None else root
     for name, value in data.items():
         key = f"{prefix}{name}"
+        if key in RETIRED:
+            continue
         if not dataclasses.is_dataclass(cfg) or name not in {f.name for f in dataclasses.fields(cfg)}:
             raise _unknown(key, cfg, prefix)
         current = getattr(cfg, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
-            update_from_dict(current, value, key + ".")
+            update_from_dict(current, value, key + ".", root)
         else:
             typ = _field_type(cfg, name)
             if isinstance(value, str) and typ is not str:  # '200' or 'none' in a YAML file: parse like the CLI
@@ -216,6 +241,7 @@ def update_from_dict(cfg: Any, data: dict, prefix: str = "") -> Any:
             if isinstance(value, list) and (typ is tuple or typing.get_origin(typ) is tuple):
                 value = tuple(value)
             setattr(cfg, name, value)
+            mark_explicit(root, key)
     return cfg
 
 
@@ -231,7 +257,12 @@ def load_file(cfg: Any, path: str | Path) -> Any:
         data = yaml.safe_load(text) or {}
     else:
         data = json.loads(text)
-    return update_from_dict(cfg, data)
+    update_from_dict(cfg, data)
+    if hasattr(cfg, "resolve_rules"):  # a resolved config.json holds derived values: they follow their source again
+        from .rules import reset_derived
+
+        reset_derived(cfg)
+    return cfg
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

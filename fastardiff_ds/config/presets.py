@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable
 
-from ..data.config import DataConfig
+from .overrides import validate
 from .schema import ARConfig, Config, DraftConfig, HeadConfig, ImageConfig, ModelConfig, TextConfig
 
 
@@ -24,7 +24,7 @@ def small() -> Config:
         draft=DraftConfig(num_layers=4),
     )
     cfg = Config(preset="small", model=model)
-    cfg.data = DataConfig(shards="", resolution=256, batch_size=8, max_text_len=160, drop_text_prob=0.1)
+    cfg.data.shards, cfg.data.batch_size = "", 8  # resolution and max_text_len are derived from the model
     cfg.train.teacher = "weights/small_teacher"
     return cfg
 
@@ -45,7 +45,7 @@ def nextstep_1_large() -> Config:
         dtype="bfloat16",
     )
     cfg = Config(preset="nextstep-1-large", model=model)
-    cfg.data = DataConfig(shards="", resolution=512, batch_size=4, max_text_len=288, drop_text_prob=0.1)
+    cfg.data.shards, cfg.data.batch_size = "", 4
     cfg.train.teacher = "weights/NextStep-1-Large"
     # the official text-to-image example of NextStep-1-Large: its sampler, 50 steps, CFG 7.5 constant, shift 1, use_norm
     inf = cfg.inference
@@ -89,8 +89,8 @@ PRESETS: dict[str, Callable[[], Config]] = {
 
 
 def get_preset(name: str) -> Config:
-    """A fresh config for a named preset; an unknown name lists the valid ones."""
+    """A fresh, validated config for a named preset (derived keys filled); an unknown name lists the valid ones."""
     if name not in PRESETS:
         close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.0)
         raise KeyError(f"unknown preset '{name}'. Did you mean '{close[0]}'? Valid presets: {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    return validate(PRESETS[name]())

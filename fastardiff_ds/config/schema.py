@@ -8,9 +8,12 @@ subsystem and composed here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..data.config import DataConfig
 from ..logging import WandbConfig
+
+CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass
@@ -36,7 +39,7 @@ class HeadConfig:
     width: int = 256
     depth: int = 4
     mlp_ratio: float = 1.0
-    guidance_embed: bool = False  # a CFG-distilled student takes the guidance scale as input
+    # (no guidance_embed knob: the CFG-distilled student head always has the guidance embedding, the teacher none)
 
 
 @dataclass
@@ -48,7 +51,7 @@ class ImageConfig:
     `NextStep-1-f8ch16-Tokenizer` folder (config.json + checkpoint.pt) or a diffusers AutoencoderKL folder / file.
     """
 
-    tokenizer: str = "pixel"  # pixel | vae
+    tokenizer: Literal["pixel", "vae"] = "pixel"
     resolution: int = 32
     patch_size: int = 4
     channels: int = 3  # 3 for pixels, 16 for the VAE latent
@@ -74,11 +77,11 @@ class ImageConfig:
 
 @dataclass
 class TextConfig:
-    tokenizer: str = "sentencepiece"  # sentencepiece | hf
+    tokenizer: Literal["sentencepiece", "hf"] = "sentencepiece"
     path: str = "assets/tokenizer/shapes_sp.model"
     max_length: int = 32  # text tokens, before the <image_area> h*w <boi> suffix
     add_special_tokens: bool = False  # hf only: add NextStep-1's special tokens to a plain LM tokenizer
-    prompt_style: str = "nextstep-1"  # nextstep-1 | nextstep-1.1 (the 1.1 pipelines prepend the BOS text)
+    prompt_style: Literal["nextstep-1", "nextstep-1.1"] = "nextstep-1"  # the 1.1 pipelines prepend the BOS text
     # ids the checkpoint was trained with (NextStep config.json `boi`, `eoi`, `image_placeholder_id`); when set,
     # the loaded tokenizer must map <|begin_of_image|> etc. to them (checked by models.nextstep_config)
     boi_id: int | None = None
@@ -103,7 +106,7 @@ class ModelConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
-    dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype checkpoints are loaded in
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the dtype checkpoints are loaded in
 
 
 @dataclass
@@ -128,28 +131,33 @@ class PretrainConfig:
 class InferenceConfig:
     """How images are sampled (launcher/generate.py, eval suites, bench_inference.py)."""
 
-    sampler: str = "sde"  # teacher head: sde | ode | nextstep (official 1.0, baseline only) | nextstep-1.1
+    # teacher head: nextstep = official 1.0 (baseline only)
+    sampler: Literal["sde", "ode", "nextstep", "nextstep-1.1"] = "sde"
     num_steps: int = 50  # teacher head evaluations per token (official num_sampling_steps; NextStep-1: 50)
     noise_level: float | None = None  # sde / nextstep-1.1 eta; None = the sampler's own (sde 1.0, nextstep-1.1 0.8)
     time_shift: float = 1.0  # official timesteps_shift
     cfg_scale: float = 5.0
-    cfg_schedule: str = "constant"  # constant | linear (official: falls from cfg_scale) | linear-rising
+    # linear: the official one, falling from cfg_scale
+    cfg_schedule: Literal["constant", "linear", "linear-rising"] = "constant"
     positive_prompt: str = ""  # appended to every prompt after a space (official positive_prompt)
     negative_prompt: str = ""  # the unconditional CFG rows' text ("" = plain unconditional)
-    student_steps: int = 2  # few-step student head (dmd / fastardiff modes)
+    student_steps: int | None = None  # few-step student head (dmd / fastardiff modes); None = train.student_steps
     student_final_std: float = 0.02  # > 0 so the student chain has a density (exact verification)
     gamma: int = 4  # draft length (the most tokens drafted per round)
-    draft_policy: str = "adaptive"  # fixed (gamma every round) | adaptive (per sample, the gamma that pays; exact)
+    # fixed: gamma every round; adaptive: per sample, the gamma that pays (exact)
+    draft_policy: Literal["fixed", "adaptive"] = "adaptive"
     draft_cost: float = 0.0  # adaptive: a drafted token's cost in target rounds; 0 = estimated from parameters
     probe_drafts: int = 4  # adaptive: drafts measured per sample before it may stop drafting
     tau: float | None = None  # entropy early-stop threshold; None = the checkpoint's (Eq. 10)
-    accept: str = "exact"  # exact (lossless) | cspd (CSpD's last-step rule, the paper's Alg. 1; not lossless)
+    # exact: lossless; cspd: CSpD's last-step rule, the paper's Alg. 1 (not lossless)
+    accept: Literal["exact", "cspd"] = "exact"
     relax_temperature: float = 1.0  # exact only: accept min(1, (P/Q)^(1/T)); T > 1 is NOT lossless
     cspd_inner_temperature: float = 1.0  # cspd only: CSpD's T_in (42 in their code)
     max_resample_tries: int = 16
     batch_size: int = 4
     compile: bool = False  # static KV cache + torch.compile'd AR decode/verify and head-chain steps (sampling/compiled.py)
-    compile_mode: str = "auto"  # auto (CUDA graphs on GPU, inductor on CPU) | default | reduce-overhead | max-autotune
+    # auto: CUDA graphs on GPU, inductor on CPU
+    compile_mode: CompileMode = "auto"
 
 
 @dataclass
@@ -162,7 +170,7 @@ class TrainConfig:
     cd_steps: int = 30  # stage 1 (consistency distillation) for steps < cd_steps, then stage 2 (DMD)
     target_ar: bool = False  # also train the target AR (through the student's distillation loss)
     lambda_ent: float = 1.0
-    alpha_kind: str = "linear"  # linear (Eq. 8) | cosine | step | constant
+    alpha_kind: Literal["linear", "cosine", "step", "constant"] = "linear"  # linear: Eq. 8
     alpha0: float = 0.95
     alphaT: float = 0.05
     alpha_step_at: float = 0.5
@@ -188,22 +196,32 @@ class TrainConfig:
     save_every: int = 20
     sample_every: int = 0  # 0 = only at the end
     keep_last: int = 2
-    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # what a NaN/inf loss does
     tau_batches: int = 4  # batches of training data for the early-stop threshold (Eq. 10)
     export_dir: str = ""  # default: run_dir/export
 
 
 @dataclass
 class Config:
-    """Root of the config tree. Sections for data, sampling, training and engines are added by those subsystems."""
+    """Root of the config tree. Sections for data, sampling, training and engines are added by those subsystems.
+
+    A config is checked when it is resolved (overrides.validate): types and enum values of every key, numeric
+    ranges (ranges.py), derived values and cross-field rules (rules.py), each error naming the key."""
 
     preset: str = "tiny"
     seed: int = 0
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(shards="data/shapes", resolution=32, batch_size=32,
-                                                                 max_text_len=48, drop_text_prob=0.1))
+    # resolution, max_text_len and seed: None = derived from the model and the root seed (rules.DERIVED)
+    data: DataConfig = field(default_factory=lambda: DataConfig(shards="data/shapes", resolution=None, batch_size=32,
+                                                                 max_text_len=None, seed=None, drop_text_prob=0.1))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolve_rules(self) -> None:
+        """Derived values, then cross-field rules (rules.py); run by `validate` after the per-key checks."""
+        from .rules import resolve
+
+        resolve(self)

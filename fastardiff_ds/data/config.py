@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-KINDS = ("pixels", "latents")
-INTERPOLATIONS = ("bicubic", "bilinear", "box", "nearest", "lanczos")
+Kind = Literal["pixels", "latents"]
+Interpolation = Literal["bicubic", "bilinear", "box", "nearest", "lanczos"]
+KINDS, INTERPOLATIONS = get_args(Kind), get_args(Interpolation)
 
 
 @dataclass
@@ -23,22 +25,25 @@ class DataConfig:
     shuffle_shards / shuffle_buffer: shard-order shuffle per epoch and sample shuffle buffer
         (0 or 1 disables it) -- both seeded by (seed, epoch, rank, worker).
     kind: "pixels" reads ``jpg/png/webp``; "latents" reads ``latent.npy`` written by encode_latents.
+    resolution / max_text_len / seed: None only inside the root config, which derives them from the model
+        (model.image.resolution; model.text.max_length + the prompt suffix) and the root seed
+        (config/rules.py); the loader needs them set.
     min_image_size: images whose shorter side is smaller are skipped (reason "too_small").
     """
 
     shards: str = ""
-    resolution: int = 32
+    resolution: int | None = 32
     batch_size: int = 8
     num_workers: int = 2
     shuffle_shards: bool = True
     shuffle_buffer: int = 1000
     resampled: bool = False
     samples_per_epoch: int | None = None
-    seed: int = 0
+    seed: int | None = 0
     drop_text_prob: float = 0.1
-    max_text_len: int = 64
-    kind: str = "pixels"
-    interpolation: str = "bicubic"
+    max_text_len: int | None = 64
+    kind: Kind = "pixels"
+    interpolation: Interpolation = "bicubic"
     min_image_size: int = 16
     prefetch_factor: int = 2
 
@@ -47,7 +52,7 @@ class DataConfig:
             raise ValueError(f"DataConfig.kind={self.kind!r}; expected one of {KINDS}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"DataConfig.interpolation={self.interpolation!r}; expected one of {INTERPOLATIONS}")
-        if self.batch_size < 1 or self.resolution < 1 or self.max_text_len < 1:
+        if self.batch_size < 1 or any(v is not None and v < 1 for v in (self.resolution, self.max_text_len)):
             raise ValueError("DataConfig.batch_size, resolution and max_text_len must be >= 1")
         if not 0.0 <= self.drop_text_prob <= 1.0:
             raise ValueError(f"DataConfig.drop_text_prob={self.drop_text_prob} must be in [0, 1]")
@@ -57,3 +62,10 @@ class DataConfig:
                              "(None = count the shards)")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers={self.num_workers} must be >= 0")
+
+    def require_resolved(self) -> None:
+        """The loader needs every derived field set (the root config fills them when it is resolved)."""
+        unset = [k for k in ("resolution", "max_text_len", "seed") if getattr(self, k) is None]
+        if unset:
+            raise ValueError(f"data.{unset[0]} is None: resolve the config first (fastardiff_ds.config.resolve_config "
+                             "derives it from the model) or set it")

@@ -73,6 +73,7 @@ class StreamingLoader:
                  state: LoaderState | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        cfg.require_resolved()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tokenize, self.pad_id, self.image_transform = tokenize, pad_id, image_transform
         self.shards = expand_shards(cfg.shards)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, apply_overrides, get_preset, update_from_dict
+from ..config import Config, apply_overrides, get_preset, reset_derived, update_from_dict
 from .ar import ARStep, DraftAR, TargetAR, row_entropy
 from .flow_head import FlowHead
 from .image_tokenizers import PixelPatchTokenizer, VAETokenizer, build_image_tokenizer, patchify, unpatchify
@@ -27,10 +27,7 @@ def build_target(cfg: Config) -> TargetAR:
 
 def build_head(cfg: Config, student: bool = False) -> FlowHead:
     """Teacher head, or (student=True) a head with the guidance-scale embedding for CFG distillation."""
-    hc = cfg.model.head
-    if student and not hc.guidance_embed:
-        hc = type(hc)(**{**hc.__dict__, "guidance_embed": True})
-    return FlowHead(hc, cfg.model.image.token_dim, cfg.model.ar.hidden_size)
+    return FlowHead(cfg.model.head, cfg.model.image.token_dim, cfg.model.ar.hidden_size, guidance_embed=student)
 
 
 def build_draft(cfg: Config, target: TargetAR) -> DraftAR:
@@ -108,7 +105,7 @@ def load_config(ckpt_dir: str | Path, preset: str | None = None, overrides: list
     else:
         kind, data = folder_kind(ckpt)
         if kind == "ours":
-            cfg = update_from_dict(get_preset(data.get("preset", "tiny")), data)
+            cfg = reset_derived(update_from_dict(get_preset(data.get("preset", "tiny")), data))  # re-derived
         else:
             cfg = official_config(data, ckpt, preset)
     apply_overrides(cfg, overrides or [])
@@ -123,8 +120,7 @@ def adopt_teacher_model(cfg: Config, overrides: list[str] | None = None) -> Conf
     if not (folder / "config.json").is_file():
         return cfg  # a folder without config.json: the preset must match it
     teacher = load_config(folder)
-    cfg.model = teacher.model
-    cfg.data.resolution = teacher.model.image.resolution
+    cfg.model = teacher.model  # derived keys (data.resolution, data.max_text_len) follow it when validated
     if folder_kind(folder)[0] == "official":
         cfg.pretrain.batch_mul = teacher.pretrain.batch_mul
     return apply_overrides(cfg, overrides or [])

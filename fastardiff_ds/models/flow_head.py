@@ -131,11 +131,12 @@ class SimpleMLPAdaLN(nn.Module):
 class FlowHead(nn.Module):
     """v = head(x (N,D), t (N,), cond (N,C), guidance (N,) | None) -> (N,D)."""
 
-    def __init__(self, cfg: HeadConfig, token_dim: int, cond_dim: int):
+    def __init__(self, cfg: HeadConfig, token_dim: int, cond_dim: int, guidance_embed: bool = False):
+        """guidance_embed: the CFG-distilled student's guidance-scale input (the teacher has none)."""
         super().__init__()
         self.token_dim, self.cond_dim = token_dim, cond_dim
         self.net = SimpleMLPAdaLN(token_dim, cond_dim, cfg.width, cfg.depth, cfg.mlp_ratio)
-        self.guidance_embed = TimestepEmbedder(cfg.width) if cfg.guidance_embed else None
+        self.guidance_embed = TimestepEmbedder(cfg.width) if guidance_embed else None
         if self.guidance_embed is not None and self.guidance_embed.mlp[2].weight.dim() == 2:
             nn.init.zeros_(self.guidance_embed.mlp[2].weight)  # starts as the teacher: no guidance signal
             nn.init.zeros_(self.guidance_embed.mlp[2].bias)

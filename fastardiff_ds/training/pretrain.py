@@ -18,6 +18,7 @@ from ..config import Config, save_config
 from ..losses.flow_matching import FlowMatchingConfig, head_flow_matching_loss
 from ..models import FlowHead, TargetAR, save_pretrained
 from ..schedules.lr import LRSchedule, make_lr_lambda
+from .batch import image_tokens
 
 
 def pretrain_loss(target: TargetAR, head: FlowHead, input_ids, attention_mask, tokens, generator, batch_mul: int):
@@ -84,7 +85,7 @@ class Pretrainer:
     # -- the loop ------------------------------------------------------------------------------------------------
     def train_step(self, batch) -> dict:
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        tokens = self.image_tokenizer.encode(batch["pixels"].to(self.device))
+        tokens = image_tokens(batch, self.cfg.data.kind, self.image_tokenizer, self.cfg.model.image, self.device)
         loss, metrics = pretrain_loss(self.target, self.head, ids, mask, tokens, self.generator,
                                       self.cfg.pretrain.batch_mul)
         if not torch.isfinite(loss):
@@ -111,7 +112,7 @@ class Pretrainer:
             for batch in self.loader:
                 metrics = self.train_step(batch)
                 self.state.step += 1
-                self.state.samples += batch["pixels"].shape[0]
+                self.state.samples += batch["input_ids"].shape[0]
                 self.state.seconds = start_seconds + time.time() - t0
                 bar.update(1)
                 if self.state.step % pc.log_every == 0 or self.state.step == 1:

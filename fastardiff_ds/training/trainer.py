@@ -16,6 +16,7 @@ from .. import engines as E
 from ..config import Config, to_dict
 from ..models import DraftAR, build_head, build_target, save_pretrained
 from ..schedules.lr import LRSchedule, make_lr_lambda
+from .batch import image_tokens
 from .joint import JointStep, stage_lr_lambda, stage_of
 from .networks import build_teacher_net, init_networks, load_teacher_state
 from .tau import collect_batches, measure_tau
@@ -162,7 +163,7 @@ class JointTrainer:
     def _inputs(self, batch):
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
-        return ids, mask, self.image.encode(batch["pixels"].to(self.device))
+        return ids, mask, image_tokens(batch, self.cfg.data.kind, self.image, self.cfg.model.image, self.device)
 
     def fit(self, loader, t_start: float, on_sample=None) -> dict:
         cfg, t = self.cfg, self.cfg.train
