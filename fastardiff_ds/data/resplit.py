@@ -9,16 +9,18 @@ Rule (documented in README and loader.py):
     (tars read, nothing decoded) to its cursor and continued on the new ranks:
       - W' divides W (shrink): new rank r' takes the whole streams of the old ranks r = r' (mod W');
       - W divides W' (grow): old rank r's streams are shared by the m = W'/W new ranks r + W*j, j < m,
-        new rank r + W*j taking the raw positions = j (mod m) after the cursor.
+        new rank r + W*j taking every m-th raw position after the cursor, starting with the j-th.
     Shuffle-buffer order and text-dropout decisions are those of the old reader, so the union of what the
-    new ranks read is what the uninterrupted run would have read: no sample twice, none skipped, except
-    that every new rank runs the same number of batches (the minimum over ranks), so up to
-    ``(N' + 1) * B`` samples per new rank at the end of the epoch are dropped. Ranks whose readers skipped
-    bad samples may read a few samples past the old quota (a stream never runs dry: it starts another pass).
-  * anything else (a world-size ratio that is not an integer, another batch size, a second change of world
-    size inside the same epoch): the interrupted epoch is closed and the next one starts (nothing repeats,
-    the rest of that epoch is dropped), with a warning -- the rule of a same-size restart with another
-    number of workers.
+    new ranks read is what the uninterrupted run would have read: no sample twice, none skipped, except at
+    the end of the epoch, where every new rank runs the same number of batches (the minimum over ranks) and
+    each worker only full batches: fewer than N' * B samples per new rank (+ the supply difference between
+    ranks, a few samples when streams split unevenly) are dropped. Readers that skip bad samples may read a
+    few samples past the old quota (a stream never runs dry: it starts another pass).
+    The per-rank batch size may change with the world size (e.g. to keep the global batch).
+    A state that already continued other ranks' streams is re-split the same way (its segments' rest).
+  * a world-size ratio that is not an integer (e.g. 2 -> 3): the interrupted epoch is closed and the next
+    one starts (nothing repeats, the rest of that epoch is dropped), with a warning -- the rule of a
+    same-size restart with another number of workers.
 """
 from __future__ import annotations
 
@@ -27,31 +29,52 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def _owed(st: dict, n_batches: int) -> list[tuple[int, int]]:
-    """(raw cursor, batches still owed) of each worker of one saved rank state (non-carry)."""
+def remaining(st: dict, rank: int, old_world: int, n_batches_old: int, old_batch: int) -> list[dict]:
+    """The segments saved rank state ``st`` (rank ``rank`` of ``old_world``) still owed to the epoch.
+
+    A segment is one saved reader's stream: {"rank", "world", "worker", "readers"} name the reader (its shard
+    split and seeds), "cursor" the raw position to continue from, and the positions ``cursor + offset +
+    stride * i`` for i < "take" are its samples. A plain state owes ``q * old_batch`` samples per worker; a
+    state that already continued other ranks' streams (``carry``) owes what its segments have left.
+    """
     n = st["num_readers"]
-    done = st["worker_batches"] or [0] * n
-    cursors = st["worker_cursors"] or [0] * n
-    return [(cursors[w], len(range(w, n_batches, n)) - done[w]) for w in range(n)]
+    cursors = st["worker_cursors"] or [None] * n
+    if st.get("carry") is None:
+        done = st["worker_batches"] or [0] * n
+        return [{"rank": rank, "world": old_world, "worker": w, "readers": n, "cursor": cursors[w] or 0,
+                 "stride": 1, "offset": 0, "take": (len(range(w, n_batches_old, n)) - done[w]) * old_batch}
+                for w in range(n)]
+    out = []
+    for w in range(n):
+        at = cursors[w] or [0, -1, 0]  # [segment, raw position after the last sample, samples taken]
+        for k, seg in enumerate(s for i, s in enumerate(st["carry"]) if i % n == w):
+            if k == at[0] and at[1] >= 0:
+                moved = at[1] - seg["cursor"]
+                seg = {**seg, "cursor": at[1], "offset": (seg["offset"] - moved) % seg["stride"],
+                       "take": seg["take"] - at[2]}
+            if k >= at[0] and seg["take"] > 0:
+                out.append(seg)
+    return out
 
 
-def plan_segments(states: list[dict], n_batches_old: int, batch: int, rank: int, world: int) -> list[dict] | None:
-    """The saved streams new rank ``rank`` of ``world`` continues, or None when the rule does not apply."""
+def split(seg: dict, m: int, j: int) -> dict:
+    """Part ``j`` of ``m`` of a segment: every m-th of its samples, starting with the j-th."""
+    s, t = seg["stride"], seg["take"]
+    return {**seg, "stride": s * m, "offset": seg["offset"] + s * j, "take": -(-(t - j) // m) if t > j else 0}
+
+
+def plan_segments(states: list[dict], n_batches_old: int, old_batch: int, rank: int, world: int) -> list[dict] | None:
+    """The segments new rank ``rank`` of ``world`` continues, or None when one world size does not divide the
+    other. ``take`` counts samples, so the per-rank batch size may change with the world size."""
     old_world = len(states)
     if old_world % world and world % old_world:
         return None
-    segs = []
     if old_world % world == 0:
-        olds, stride, offset = range(rank, old_world, world), 1, 0
-    else:
-        olds, stride, offset = [rank % old_world], world // old_world, rank // old_world
-    for r in olds:
-        for w, (cursor, owed) in enumerate(_owed(states[r], n_batches_old)):
-            need = owed * batch
-            take = (need - offset + stride - 1) // stride if need > offset else 0
-            segs.append({"rank": r, "world": old_world, "worker": w, "readers": states[r]["num_readers"],
-                         "cursor": cursor, "stride": stride, "offset": offset, "take": take})
-    return segs
+        return [seg for r in range(rank, old_world, world)
+                for seg in remaining(states[r], r, old_world, n_batches_old, old_batch)]
+    r = rank % old_world
+    return [split(seg, world // old_world, rank // old_world)
+            for seg in remaining(states[r], r, old_world, n_batches_old, old_batch)]
 
 
 def _worker_batches(segs: list[dict], readers: int, batch: int) -> list[int]:
@@ -65,22 +88,21 @@ def resplit_state(states: list[dict], *, rank: int, world: int, readers: int, ba
     base = dict(epoch=st0["epoch"], seed=st0["seed"], world_size=world, num_readers=readers,
                 skipped=dict(st0.get("skipped", {})), worker_batches=[], worker_cursors=[])
     consumed = sum(s["samples_consumed"] for s in states)
-    if not any(s["batches_consumed"] for s in states):  # saved at an epoch boundary: nothing to re-split
+    if not any(s["batches_consumed"] or s.get("carry") for s in states):  # saved at an epoch boundary
         return state_cls(**base)
     if resampled:
         done = min(n_batches, consumed // (batch * world))
         return state_cls(**base, batches_consumed=done, samples_consumed=done * batch, resumes=st0["resumes"] + 1)
-    old_batch = st0["samples_consumed"] // max(1, st0["batches_consumed"])
-    nested = any(s.get("carry") for s in states)
-    n_old = total_samples // (batch * len(states))
-    segs = None if nested or old_batch != batch else plan_segments(states, n_old, batch, rank, world)
+    busy = max(states, key=lambda s: s["batches_consumed"] if s.get("carry") is None else -1)
+    old_batch = busy["samples_consumed"] // max(1, busy["batches_consumed"])
+    n_old = total_samples // (old_batch * len(states)) if old_batch else 0
+    segs = plan_segments(states, n_old, old_batch, rank, world)
     if segs is None:
-        log.warning("loader state was saved on %d ranks (now %d, batch %d -> %d%s): closing epoch %d early and "
-                    "starting the next", len(states), world, old_batch, batch,
-                    ", already re-split once" if nested else "", st0["epoch"])
+        log.warning("loader state was saved on %d ranks (now %d; neither divides the other): closing epoch %d "
+                    "early and starting the next", len(states), world, st0["epoch"])
         return state_cls(**{**base, "epoch": st0["epoch"] + 1})
     # every new rank runs the same number of batches: the smallest supply of any new rank
-    supply = min(sum(_worker_batches(plan_segments(states, n_old, batch, r, world), readers, batch))
+    supply = min(sum(_worker_batches(plan_segments(states, n_old, old_batch, r, world), readers, batch))
                  for r in range(world))
     left = min(supply, n_batches)
     quota = _worker_batches(segs, readers, batch)

@@ -101,22 +101,22 @@ def load_resharded(engine, engine_dir: str | Path, old_world: int, load_optimize
     rank, world = dist.get_rank(group=opt.dp_process_group), dist.get_world_size(group=opt.dp_process_group)
     optim = [_load(f) for f in optim_files(engine_dir, old_world)]
     model = [_load(engine_dir / MODEL_FMT.format(r)) for r in range(old_world)]
-    osd = [o["optimizer_state_dict"] for o in optim]
+    zero_sd = [o["optimizer_state_dict"] for o in optim]  # ZeRO-3's own dict: fp32 flats + the base optimizer's
     shapes = {k: v for group in model[0]["param_shapes"] for k, v in group.items()}
-    names = {p: n for p, n in ds.param_names.items()}
+    names = ds.param_names  # param -> name, as DeepSpeed wrote them into param_shapes
     missing = sorted(set(names[p] for g in opt.fp16_groups for p in g) - set(shapes))
     if missing:
         raise KeyError(f"{engine_dir}: no saved state for trainable parameters {missing[:5]}; the checkpoint "
                        f"was written by a different network -- resume with the same model config")
-    keys = ["fp32"] + sorted(k for k, v in osd[0]["optimizer_state_dict"]["state"][0].items()
-                             if torch.is_tensor(v) and v.dim() == 1)
+    first = zero_sd[0]["optimizer_state_dict"]["state"].get(0, {})  # empty when saved before the first step
+    keys = ["fp32"] + sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() == 1)
     new = {}
     for key in keys:
         flats = [(o["fp32_flat_groups"] if key == "fp32" else
-                  [st[key] for _, st in sorted(o["optimizer_state_dict"]["state"].items())]) for o in osd]
+                  [st[key] for _, st in sorted(o["optimizer_state_dict"]["state"].items())]) for o in zero_sd]
         layout = _OldLayout(flats, shapes)
         new[key] = [_new_flat(layout, g, names, rank, world) for g in opt.fp16_groups]
-    state_dict = _state_dict(osd[0], new, opt)
+    state_dict = _state_dict(zero_sd[0], new, opt)
     if hasattr(opt, "checkpoint_event_prologue"):
         opt.checkpoint_event_prologue()
     _load_frozen(ds, model, names, rank, world)
@@ -131,14 +131,14 @@ def load_resharded(engine, engine_dir: str | Path, old_world: int, load_optimize
 def _state_dict(old0: dict, new: dict, opt) -> dict:
     """The per-rank ZeRO-3 state dict ``_rigid_load_state_dict`` expects, with re-split tensors."""
     old_state = old0["optimizer_state_dict"]
-    scalars = {k: v for k, v in old_state["state"][0].items() if k not in new}  # Adam's step, same everywhere
+    scalars = {k: v for k, v in old_state["state"].get(0, {}).items() if k not in new}  # Adam's step
     groups = []
     for g, saved in enumerate(old_state["param_groups"]):
         ids = [k for k in range(len(opt.fp16_groups)) if opt.sub_group_to_group_id[k] == g]
         groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
     state = {k: {**{key: new[key][k] for key in new if key != "fp32"},
                  **{s: (v.clone() if torch.is_tensor(v) else v) for s, v in scalars.items()}}
-             for k in range(len(opt.fp16_groups))}
+             for k in range(len(opt.fp16_groups))} if len(new) > 1 or scalars else {}
     return {**{k: v for k, v in old0.items() if k not in ("optimizer_state_dict", "fp32_flat_groups")},
             "optimizer_state_dict": {"state": state, "param_groups": groups},
             "fp32_flat_groups": new["fp32"]}

@@ -23,7 +23,8 @@ def shapes_dir(tmp_path_factory):
 
 
 def loader(shapes_dir, rank, world, workers=0, **kw):
-    cfg = DataConfig(shards=shapes_dir, resolution=32, batch_size=4, num_workers=workers, shuffle_buffer=8,
+    kw = {"batch_size": 4, **kw}
+    cfg = DataConfig(shards=shapes_dir, resolution=32, num_workers=workers, shuffle_buffer=8,
                      drop_text_prob=0.5, max_text_len=6, seed=3, samples_per_epoch=80, **kw)
     return build_loader(cfg, rank=rank, world_size=world, tokenize=tok, pad_id=0)
 
@@ -32,11 +33,11 @@ def pairs(batches) -> list[tuple[str, str]]:
     return [(k, c) for b in batches for k, c in zip(b["keys"], b["captions"])]
 
 
-def interrupted(shapes_dir, world, n, workers=0):
+def interrupted(shapes_dir, world, n, workers=0, **kw):
     """Each of ``world`` ranks reads ``n`` batches of epoch 0, then stops: (what was read, saved states)."""
     read, states = [], []
     for r in range(world):
-        ld = loader(shapes_dir, r, world, workers)
+        ld = loader(shapes_dir, r, world, workers, **kw)
         read += pairs(islice(iter(ld), n))
         states.append(ld.state_dict())
     return read, states
@@ -67,6 +68,15 @@ def test_one_rank_to_two_continue_the_epoch_exactly(shapes_dir):
     assert Counter(read + rest) == Counter(ref) and len(ref) == 80
 
 
+def test_global_batch_kept_when_the_world_shrinks(shapes_dir):
+    ref = [p for r in range(2) for p in pairs(loader(shapes_dir, r, 2, batch_size=2))]
+    read, states = interrupted(shapes_dir, 2, 3, batch_size=2)  # 2 ranks x 2 samples
+    new = loader(shapes_dir, 0, 1, batch_size=4)  # 1 rank x 4 samples: the same global batch
+    new.resume_from(states)
+    got = list(new)
+    assert len(got) == 17 and Counter(read + pairs(got)) == Counter(ref)
+
+
 def test_continued_epoch_survives_another_restart_on_the_same_size(shapes_dir):
     ref = [p for r in range(2) for p in pairs(loader(shapes_dir, r, 2))]
     read, states = interrupted(shapes_dir, 2, 3)
@@ -76,6 +86,24 @@ def test_continued_epoch_survives_another_restart_on_the_same_size(shapes_dir):
     again = loader(shapes_dir, 0, 1)
     again.resume_from([first.state_dict()])  # same world size: its own state, carry included
     assert Counter(read + pairs(again)) == Counter(ref)
+
+
+def test_a_continued_epoch_re_splits_again(shapes_dir):
+    """2 ranks -> 1 (reads 5 batches) -> 2 ranks: the continued streams are split once more."""
+    ref = [p for r in range(2) for p in pairs(loader(shapes_dir, r, 2))]
+    read, states = interrupted(shapes_dir, 2, 3)
+    one = loader(shapes_dir, 0, 1)
+    one.resume_from(states)
+    read += pairs(islice(iter(one), 5))
+    rest = []
+    for r in range(2):
+        two = loader(shapes_dir, r, 2)
+        two.resume_from([one.state_dict()])
+        got = list(two)
+        assert len(got) == 4  # (80 - 24 - 20) samples = 36: 4 full batches of 4 per rank, 4 samples dropped
+        rest += pairs(got)
+    seen = Counter(read + rest)
+    assert max(seen.values()) == 1 and not set(seen) - set(ref) and len(ref) - len(seen) == 4
 
 
 def test_resampled_mode_continues_the_count(shapes_dir):
