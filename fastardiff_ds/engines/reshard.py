@@ -95,6 +95,10 @@ def load_resharded(engine, engine_dir: str | Path, old_world: int, load_optimize
         raise ValueError(f"engine {engine.name!r} runs ZeRO stage {ds.zero_optimization_stage()}: a checkpoint "
                          f"from another world size can only be re-split for ZeRO-3 engines; resume on the "
                          f"saved world size or set zero_stage=3 for this engine")
+    if ds.zero_nvme_offload_optimizer():
+        raise ValueError(f"engine {engine.name!r} swaps its optimizer state to NVMe: a checkpoint from another "
+                         f"world size cannot be re-split into the swap files; resume on the saved world size "
+                         f"or without NVMe offload")
     import torch.distributed as dist
 
     opt = ds.optimizer

@@ -175,6 +175,9 @@ def test_resplit_1_to_2_restores_weights_moments_and_lr_exactly(runs):
 def test_loss_curve_continues_across_world_sizes(runs):
     first, down, up = runs["first"][0], runs["down"][0], runs["up"]
     assert len(first["after"]) == len(down["cont"]) == len(up[0]["cont"]) == 3
+    for name, a, b in (("2->1", down["cont"], first["after"]), ("1->2", up[0]["cont"], down["after"])):
+        print(f"resume {name}: losses {a} vs uninterrupted {b}; max rel diff "
+              f"{max(abs(x - y) / abs(y) for x, y in zip(a, b)):.2e}")
     assert down["cont"] == pytest.approx(first["after"], rel=1e-5)  # 2 -> 1, steps 3-5
     assert up[0]["cont"] == up[1]["cont"]
     assert up[0]["cont"] == pytest.approx(down["after"], rel=1e-5)  # 1 -> 2, steps 6-8
