@@ -207,9 +207,10 @@ def load_checkpoint(ckpt: str | Path, engines: Mapping[str, object], *,
     client state. Engines must be freshly built (DeepSpeed cannot reload ZeRO-3 into a used engine).
 
     On another world size (W saved, W' now) ZeRO-3 engines are re-split (reshard.py); rank r < W gets its
-    own client state and RNG, a new rank r >= W gets rank 0's client state and keeps its fresh RNG streams
-    (seeded per rank, so no two ranks draw the same noise); the returned dict then also holds ``"peers"``:
-    every saved rank's client state in rank order (for the data cursor, see ``StreamingLoader.resplit``).
+    own client state and RNG, a new rank r >= W gets rank 0's client state and RNG streams seeded from
+    (rank 0's saved state, r), so no two ranks draw the same noise; the returned dict then also holds
+    ``"peers"``: every saved rank's client state in rank order (for the data cursor, see
+    ``StreamingLoader.resume_from``).
     """
     from fastardiff_ds.engines.reshard import load_resharded
 
@@ -230,8 +231,10 @@ def load_checkpoint(ckpt: str | Path, engines: Mapping[str, object], *,
         load_gathered_state_dict(modules[name], ckpt / "modules" / f"{name}.safetensors")
     saved = [_client_file(ckpt, r) for r in (range(saved_world) if not same else [rank])]
     mine = saved[0] if same else saved[rank] if rank < saved_world else saved[0]
-    if restore_rng:
-        restore_rng_state(mine["rng"]) if same or rank < saved_world else _seed_new_rank(mine["rng"], rank)
+    if restore_rng and (same or rank < saved_world):
+        restore_rng_state(mine["rng"])
+    elif restore_rng:
+        _seed_new_rank(mine["rng"], rank)
     barrier()
     client = dict(mine["client_state"])
     if not same:
