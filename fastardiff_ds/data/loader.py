@@ -16,6 +16,8 @@ Resume contract (`LoaderState`, saved with the trainer state):
   * resampled mode is exact in *count* and *distribution*: the remaining batches of the epoch come
     from a fresh with-replacement draw seeded by (seed, epoch, rank, worker, resume count), not the
     draw the uninterrupted run would have made (that draw is i.i.d. anyway, and costs no replay).
+  * another world size: `resume_from(every saved rank's state)` re-splits the epoch (resplit.py): the
+    saved readers' streams are continued by the new ranks when one world size divides the other.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader
 from fastardiff_ds.data.config import DataConfig
 from fastardiff_ds.data.metadata import count_samples
 from fastardiff_ds.data.reader import Plan, WorkerStream
+from fastardiff_ds.data.resplit import resplit_state
 from fastardiff_ds.data.shards import expand_shards
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class LoaderState:
     num_readers: int = 1  # max(1, num_workers)
     resumes: int = 0  # mid-epoch restarts in this epoch (salts resampled-mode seeds)
     skipped: dict[str, int] = field(default_factory=dict)  # whole run, by reason
+    carry: list[dict] | None = None  # saved readers' streams this rank continues (world-size change, resplit.py)
+    carry_quota: list[int] | None = None  # batches per worker while carrying
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,6 +89,7 @@ class StreamingLoader:
                 f"num_workers={self.num_readers} readers without a rank going dry; use resampled=True, "
                 "fewer workers or more (smaller) shards")
         total = cfg.samples_per_epoch or count_samples(self.shards, resampled=cfg.resampled)
+        self.total_samples = total
         self.batches_per_epoch = total // (cfg.batch_size * world_size)
         if self.batches_per_epoch < 1:
             raise ValueError(f"{total} samples per epoch < one global batch ({cfg.batch_size} x {world_size})")
@@ -115,8 +121,18 @@ class StreamingLoader:
                         "early and starting the next", st.world_size, st.num_readers, self.world_size,
                         self.num_readers, st.epoch)
             st = dataclasses.replace(st, epoch=st.epoch + 1, batches_consumed=0, samples_consumed=0,
-                                     worker_batches=[], worker_cursors=[], resumes=0)
+                                     worker_batches=[], worker_cursors=[], resumes=0, carry=None, carry_quota=None)
         self.state = dataclasses.replace(st, world_size=self.world_size, num_readers=self.num_readers)
+
+    def resume_from(self, states: list[dict]) -> None:
+        """Resume from every saved rank's state in rank order (a checkpoint's ``peers``): on the saved world
+        size this rank's own state; on another, the epoch is re-split over the new ranks (resplit.py)."""
+        if len(states) == self.world_size:
+            return self.load_state_dict(states[self.rank])
+        self.state = resplit_state([dict(s) for s in states], rank=self.rank, world=self.world_size,
+                                   readers=self.num_readers, batch=self.cfg.batch_size,
+                                   n_batches=self.batches_per_epoch, total_samples=self.total_samples,
+                                   resampled=self.cfg.resampled, state_cls=LoaderState)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -136,7 +152,7 @@ class StreamingLoader:
         else:  # exact replay: same seeds, fast-forward to the cursors
             cursors, salt = list(st.worker_cursors), 0
         return Plan(self.cfg, self.shards, self.rank, self.world_size, n, st.epoch, self.batches_per_epoch,
-                    list(st.worker_batches), cursors, salt)
+                    list(st.worker_batches), cursors, salt, st.carry, st.carry_quota)
 
     def __iter__(self) -> Iterator[dict]:
         st, cfg = self.state, self.cfg
@@ -161,7 +177,8 @@ class StreamingLoader:
             raise RuntimeError(f"internal: epoch {st.epoch} ended after {st.batches_consumed} of "
                                f"{self.batches_per_epoch} batches on rank {self.rank}")
         self.state = dataclasses.replace(st, epoch=st.epoch + 1, batches_consumed=0, samples_consumed=0,
-                                         worker_batches=[], worker_cursors=[], resumes=0)
+                                         worker_batches=[], worker_cursors=[], resumes=0, carry=None,
+                                         carry_quota=None)
 
 
 def build_loader(cfg: DataConfig, *, rank: int, world_size: int, tokenize: Callable[[str], list[int]],

@@ -62,10 +62,14 @@ class Plan:
     epoch: int
     n_batches: int
     worker_batches: list[int]
-    worker_cursors: list[int]
+    worker_cursors: list
     salt: int
+    carry: list[dict] | None = None  # old readers' streams continued by this rank (see resplit.py)
+    carry_quota: list[int] | None = None  # batches per worker when carrying
 
     def quota(self, w: int) -> int:
+        if self.carry is not None:
+            return self.carry_quota[w] - self.worker_batches[w]
         return len(range(w, self.n_batches, self.num_readers)) - self.worker_batches[w]
 
 
@@ -132,6 +136,43 @@ class WorkerStream(IterableDataset):
             out["label"] = meta["label"]
         return out
 
+    def _attempt(self, raw: dict, w: int, idx: int):
+        try:
+            return self._decode(raw, w, idx), None
+        except SkipSample as e:
+            return None, e
+
+    def _positions(self, w: int, skips: SkipCounter) -> Iterator[tuple]:
+        """(raw sample, cursor after it, decoded sample or None, SkipSample or None), past the restart cursor."""
+        for cursor, raw in enumerate(self._raw(w, skips), start=1):
+            if cursor > self.plan.worker_cursors[w]:  # else fast-forward: consumed before a restart, not decoded
+                yield raw, cursor, *self._attempt(raw, w, cursor - 1)
+
+    def _carried(self, w: int, skips: SkipCounter) -> Iterator[tuple]:
+        """Like ``_positions`` for a rank that continues saved readers' streams after a world-size change
+        (resplit.py): segment k of this rank goes to worker k % W; each replays its old reader (same shards,
+        shuffle and text-dropout seeds) from the saved cursor and keeps the raw positions ``offset (mod
+        stride)`` until ``take`` of them decoded. The worker's last segment runs on past ``take`` only if
+        skipped samples left the worker short of its quota. The cursor is [segment, raw position, taken]."""
+        p = self.plan
+        segs = [s for k, s in enumerate(p.carry) if k % p.num_readers == w]
+        at = p.worker_cursors[w] or [0, -1, 0]
+        for k in range(at[0], len(segs)):
+            seg, last = segs[k], k == len(segs) - 1
+            old = WorkerStream(Plan(p.cfg, p.shards, seg["rank"], seg["world"], seg["readers"], p.epoch, 0, [], [], 0),
+                               self.tokenize, self.pad_id)
+            start, taken = (at[1], at[2]) if k == at[0] and at[1] >= 0 else (seg["cursor"], 0)
+            if taken >= seg["take"] and not last:
+                continue
+            for pos, raw in enumerate(old._raw(seg["worker"], skips)):
+                if pos < start or (pos - seg["cursor"]) % seg["stride"] != seg["offset"]:
+                    continue
+                sample, err = old._attempt(raw, seg["worker"], pos)
+                taken += err is None
+                yield raw, [k, pos + 1, taken], sample, err
+                if taken >= seg["take"] and not last:
+                    break
+
     def __iter__(self) -> Iterator[dict]:
         p, cfg = self.plan, self.plan.cfg
         info = get_worker_info()
@@ -140,15 +181,13 @@ class WorkerStream(IterableDataset):
         if quota <= 0:
             return
         skips = SkipCounter()
-        stream = self._raw(w, skips)
-        cursor, nbytes, run, batch, shape = 0, 0, 0, [], None
-        for raw in stream:
-            cursor += 1
-            if cursor <= p.worker_cursors[w]:
-                continue  # fast-forward over samples consumed before a restart (no decoding)
+        stream = self._positions(w, skips) if p.carry is None else self._carried(w, skips)
+        nbytes, run, batch, shape = 0, 0, [], None
+        for raw, cursor, sample, err in stream:
             nbytes += raw["__bytes__"]
             try:
-                sample = self._decode(raw, w, cursor - 1)
+                if err is not None:
+                    raise err
                 if shape is not None and sample["image"].shape != shape:
                     raise SkipSample("bad_shape", f"{tuple(sample['image'].shape)} != {tuple(shape)}")
             except SkipSample as e:

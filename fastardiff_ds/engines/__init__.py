@@ -5,12 +5,14 @@
 - ``engine``: ``EngineSpec`` + ``build_engine`` -- one ZeRO engine per trainable network.
 - ``teacher``: frozen networks (teacher on its own process group, EMA copies), inference only.
 - ``groups``: sub-group mpu and the scope that keeps DeepSpeed's global group per engine.
-- ``checkpoint``: multi-engine save/load with atomic ``latest``, rotation, per-rank client state.
+- ``checkpoint``: multi-engine save/load with atomic ``latest``, rotation, per-rank client state; ``manifest``:
+  per-file sizes + checksums and verification (fallback to the newest intact checkpoint); ``reshard``: ZeRO-3
+  engine state re-split onto another world size at load time.
 - ``export``: gathered weights to/from safetensors; ``ema``: EMA of partitioned networks.
 - ``memory``: per-GPU model-state estimates (DeepSpeed's ZeRO-3 estimator) and the README table.
 """
 
-from fastardiff_ds.engines.checkpoint import (capture_rng_state, load_checkpoint, resolve_resume,
+from fastardiff_ds.engines.checkpoint import (capture_rng_state, latest_intact, load_checkpoint, resolve_resume,
                                               restore_rng_state, save_checkpoint, step_tag)
 from fastardiff_ds.engines.dist import (all_gather_object, all_reduce, barrier, comm_device, device, get_rank,
                                         get_world_size, init_distributed, is_rank0, local_world_size)
@@ -25,6 +27,6 @@ __all__ = [
     "EMA", "Engine", "all_gather_object", "all_reduce", "comm_device", "EngineSpec", "FrozenEngine", "NetSize", "count_params", "barrier", "build_engine", "build_frozen", "build_teacher",
     "capture_rng_state", "default_lr_lambda", "device", "estimate_memory", "export_safetensors",
     "gathered_state_dict", "get_rank", "get_world_size", "inference_ds_config", "init_distributed", "is_rank0",
-    "load_checkpoint", "load_ds_config", "load_gathered_state_dict", "local_world_size", "nextstep_large_table",
+    "latest_intact", "load_checkpoint", "load_ds_config", "load_gathered_state_dict", "local_world_size", "nextstep_large_table",
     "resolve_resume", "restore_rng_state", "save_checkpoint", "step_tag", "train_ds_config",
 ]

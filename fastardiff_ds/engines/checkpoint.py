@@ -1,24 +1,29 @@
-"""Run checkpoints: every engine, every rank's client state + RNG, the resolved config; atomic ``latest``.
+"""Run checkpoints: every engine, every rank's client state + RNG, the resolved config; a manifest; ``latest``.
 
 Layout (systems.md §7.5)::
 
-    <root>/step_000500/{target,draft,head,fake}/   engine.save_checkpoint (weights + optimizer + lr schedule)
+    <root>/step_000500/{target,draft,head,fake}/   engine.save_checkpoint (weights + optimizer + lr schedule):
+                                                   zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt per rank
     <root>/step_000500/modules/<name>.safetensors  gathered frozen modules (EMA), written by rank 0
     <root>/step_000500/client/rank_00000.pt        client state of that rank + its RNG states
     <root>/step_000500/trainer_state.json          rank 0's client state, human-readable
     <root>/step_000500/config.json                 the resolved config
-    <root>/step_000500/manifest.json               written last: the checkpoint is complete
+    <root>/step_000500/manifest.json               written last, atomically: sizes + xxh3-128 of every file
     <root>/latest                                  tag of the newest complete checkpoint (atomic rename)
 
-Every call here is collective: all ranks save/load the same engines in the same (sorted) order.
-``latest`` only moves after every rank finished every engine (barrier), so a crash mid-save leaves
-the previous checkpoint as ``latest``.
+Every call here is collective: all ranks save/load the same engines in the same (sorted) order. The
+manifest and ``latest`` only appear after every rank finished every file (barrier) and the files were
+hashed, so a crash mid-save leaves the previous checkpoint as the newest complete one. ``resume=auto``
+verifies the newest checkpoint against its manifest (manifest.py) and falls back to the newest intact one
+with a warning naming the bad file. A checkpoint written on W ranks loads on W' ranks: ZeRO-3 engines are
+re-split at load time (reshard.py), ranks present in both runs get their own client state and RNG back,
+and every rank receives all saved ranks' client states (``client["peers"]``) to re-split the data cursor.
+The checkpoint directory must be on a file system every rank sees (it already had to be for ``latest``).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -30,8 +35,11 @@ import torch.nn as nn
 
 from fastardiff_ds.engines.dist import barrier, get_rank, get_world_size, is_rank0
 from fastardiff_ds.engines.export import gathered_state_dict, load_gathered_state_dict
+from fastardiff_ds.engines.manifest import (MANIFEST, atomic_write, hash_files, read_manifest, verify,
+                                            write_manifest)
 
-MANIFEST, LATEST = "manifest.json", "latest"
+log = logging.getLogger(__name__)
+LATEST = "latest"
 
 
 def step_tag(step: int) -> str:
@@ -66,8 +74,9 @@ def save_checkpoint(root: str | Path, step: int, engines: Mapping[str, object], 
     root = Path(root)
     ckpt = root / step_tag(step)
     if is_rank0():
-        ckpt.mkdir(parents=True, exist_ok=True)
-        (ckpt / MANIFEST).unlink(missing_ok=True)  # re-saving a step: incomplete until the end
+        if ckpt.exists():  # re-saving a step (after a fallback): stale files of another world size must go
+            shutil.rmtree(ckpt)
+        ckpt.mkdir(parents=True)
     barrier()
     for name in sorted(engines):
         engines[name].save(str(ckpt), tag=name)
@@ -79,12 +88,12 @@ def save_checkpoint(root: str | Path, step: int, engines: Mapping[str, object], 
             (ckpt / "modules").mkdir(exist_ok=True)
             save_file(sd, str(ckpt / "modules" / f"{name}.safetensors"))
     _save_client_files(ckpt, client_state, config)
-    barrier()  # every rank has written every file before the checkpoint becomes visible
+    barrier()  # every rank has written every file before they are hashed
+    files = hash_files(ckpt, fsync=True)  # collective: each rank hashes (and fsyncs) a share
     if is_rank0():
-        manifest = {"step": step, "engines": sorted(engines), "modules": sorted(modules or {}),
-                    "world_size": get_world_size()}
-        _atomic_write(ckpt / MANIFEST, json.dumps(manifest, indent=2))
-        _atomic_write(root / LATEST, ckpt.name)
+        write_manifest(ckpt, {"step": step, "engines": sorted(engines), "modules": sorted(modules or {}),
+                              "world_size": get_world_size()}, files)
+        atomic_write(root / LATEST, ckpt.name)
         if keep_last:
             rotate(root, keep_last)
     barrier()
@@ -92,6 +101,8 @@ def save_checkpoint(root: str | Path, step: int, engines: Mapping[str, object], 
 
 
 def _save_client_files(ckpt: Path, client_state: dict, config: dict | None) -> None:
+    import json
+
     (ckpt / "client").mkdir(exist_ok=True)
     torch.save({"client_state": client_state, "rng": capture_rng_state()},
                ckpt / "client" / f"rank_{get_rank():05d}.pt")
@@ -101,15 +112,16 @@ def _save_client_files(ckpt: Path, client_state: dict, config: dict | None) -> N
             (ckpt / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix("step_"))
+    except ValueError:
+        return -1
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
-    return sorted(p.parent for p in Path(root).glob(f"step_*/{MANIFEST}"))
+    """Complete checkpoints (a manifest present, not yet verified) under ``root``, oldest first."""
+    return sorted((p.parent for p in Path(root).glob(f"step_*/{MANIFEST}")), key=_step_of)
 
 
 def rotate(root: str | Path, keep_last: int) -> None:
@@ -120,27 +132,71 @@ def rotate(root: str | Path, keep_last: int) -> None:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step_*"):  # leftovers of interrupted saves, older than the latest good one
-        if latest and stale.name < latest and not (stale / MANIFEST).exists():
+        if latest and _step_of(stale) < _step_of(root / latest) and not (stale / MANIFEST).exists():
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def resolve_resume(root: str | Path, resume: str | None) -> Path | None:
-    """Map ``resume`` to a checkpoint dir: ``None``/"none" -> None; ``"auto"`` -> ``root/latest`` (None if
-    absent: a fresh run); a tag (``step_000500``) or a path -> that dir, which must be complete."""
+def _warn(msg: str, *args) -> None:
+    if is_rank0():  # every rank reaches the same verdict; one report is enough
+        log.warning(msg, *args)
+
+
+def latest_intact(root: str | Path, deep: bool = True) -> Path | None:
+    """The newest checkpoint under ``root`` that matches its manifest; None when there is none at all.
+
+    Newer damaged or incomplete checkpoints are skipped with a warning naming the bad file(s). Raises
+    ``FileNotFoundError`` naming the folder when checkpoints exist but none is intact. ``deep``: verify
+    checksums (collective, each rank hashes a share), else sizes only. Checkpoints without checksums
+    (written before manifests had them) are accepted after a structural check, with a warning.
+    """
+    root = Path(root)
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), key=_step_of, reverse=True)
+    damaged = []
+    for ckpt in candidates:
+        if not (ckpt / MANIFEST).is_file():
+            damaged.append(f"{ckpt}: no {MANIFEST} (the save was interrupted)")
+            _warn("checkpoint %s is incomplete (no %s: an interrupted save); trying an older one", ckpt, MANIFEST)
+            continue
+        problems = verify(ckpt, deep=deep)
+        if not problems:
+            if "files" not in read_manifest(ckpt):
+                _warn("checkpoint %s predates checksummed manifests: checked structurally only", ckpt)
+            return ckpt
+        damaged.append("; ".join(problems))
+        _warn("checkpoint %s is damaged, falling back to an older one: %s", ckpt, "; ".join(problems))
+    if damaged:
+        raise FileNotFoundError(f"no intact checkpoint in {root}: " + " | ".join(damaged) + ". Restore the named "
+                                f"files from a backup, or move the damaged step_* folders away and start fresh "
+                                f"with resume=none")
+    return None
+
+
+def resolve_resume(root: str | Path, resume: str | None, deep: bool = True) -> Path | None:
+    """Map ``resume`` to a verified checkpoint dir: ``None``/"none" -> None; ``"auto"`` -> the newest intact
+    checkpoint under ``root`` (None if there is none: a fresh run; see ``latest_intact``); a tag
+    (``step_000500``) or a path -> that dir, which must be complete and intact (no silent fallback)."""
+    import os
+
     if resume in (None, "", "none"):
         return None
     root = Path(root)
     if resume == "auto":
-        if not (root / LATEST).exists():
-            return None
-        ckpt = root / (root / LATEST).read_text().strip()
-    else:
-        ckpt = Path(resume) if Path(resume).is_dir() or os.sep in str(resume) else root / resume
+        if (root / LATEST).exists():
+            named = root / (root / LATEST).read_text().strip()
+            if not (named / MANIFEST).is_file():
+                _warn("%s names %s, which is missing or incomplete; using the newest intact checkpoint",
+                      root / LATEST, named)
+        return latest_intact(root, deep=deep)
+    ckpt = Path(resume) if Path(resume).is_dir() or os.sep in str(resume) else root / resume
     if not (ckpt / MANIFEST).is_file():
         done = [p.name for p in complete_checkpoints(ckpt.parent)] if ckpt.parent.is_dir() else []
         raise FileNotFoundError(f"checkpoint {ckpt} is missing or incomplete (no {MANIFEST}: the save was "
                                 f"interrupted or the path is wrong); resume from one of {done} "
                                 f"or start fresh with resume=none")
+    problems = verify(ckpt, deep=deep)
+    if problems:
+        raise FileNotFoundError(f"checkpoint {ckpt} is damaged: {'; '.join(problems)}; resume=auto picks the "
+                                f"newest intact checkpoint, or restore the named files")
     return ckpt
 
 
@@ -148,22 +204,60 @@ def load_checkpoint(ckpt: str | Path, engines: Mapping[str, object], *,
                     modules: Mapping[str, nn.Module] | None = None, load_optimizer: bool = True,
                     restore_rng: bool = True) -> dict:
     """Load every engine (+ optimizer and lr schedule) and module from ``ckpt``; return this rank's
-    client state. Engines must be freshly built (DeepSpeed cannot reload ZeRO-3 into a used engine)."""
+    client state. Engines must be freshly built (DeepSpeed cannot reload ZeRO-3 into a used engine).
+
+    On another world size (W saved, W' now) ZeRO-3 engines are re-split (reshard.py); rank r < W gets its
+    own client state and RNG, a new rank r >= W gets rank 0's client state and RNG streams seeded from
+    (rank 0's saved state, r), so no two ranks draw the same noise; the returned dict then also holds
+    ``"peers"``: every saved rank's client state in rank order (for the data cursor, see
+    ``StreamingLoader.resume_from``).
+    """
+    from fastardiff_ds.engines.reshard import load_resharded
+
     ckpt = Path(ckpt)
-    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest = read_manifest(ckpt)
     missing = sorted(set(engines) - set(manifest["engines"])) + sorted(set(modules or {}) - set(manifest["modules"]))
     if missing:
         raise KeyError(f"checkpoint {ckpt} has no {missing} (it holds {manifest['engines'] + manifest['modules']}); "
                        f"resume with the same networks enabled or load_module_only from an export")
-    if manifest["world_size"] != get_world_size():
-        raise ValueError(f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has "
-                         f"{get_world_size()}; resume with the same world size (or convert with ds_to_universal)")
+    saved_world, rank = manifest["world_size"], get_rank()
+    same = saved_world == get_world_size()
     for name in sorted(engines):
-        engines[name].load(str(ckpt), tag=name, load_optimizer=load_optimizer)
+        if same:
+            engines[name].load(str(ckpt), tag=name, load_optimizer=load_optimizer)
+        else:
+            load_resharded(engines[name], ckpt / name, saved_world, load_optimizer=load_optimizer)
     for name in sorted(modules or {}):
         load_gathered_state_dict(modules[name], ckpt / "modules" / f"{name}.safetensors")
-    saved = torch.load(ckpt / "client" / f"rank_{get_rank():05d}.pt", weights_only=False)
-    if restore_rng:
-        restore_rng_state(saved["rng"])
+    saved = [_client_file(ckpt, r) for r in (range(saved_world) if not same else [rank])]
+    mine = saved[0] if same else saved[rank] if rank < saved_world else saved[0]
+    if restore_rng and (same or rank < saved_world):
+        restore_rng_state(mine["rng"])
+    elif restore_rng:
+        _seed_new_rank(mine["rng"], rank)
     barrier()
-    return saved["client_state"]
+    client = dict(mine["client_state"])
+    if not same:
+        client["peers"] = [s["client_state"] for s in saved]
+        if is_rank0():
+            log.warning("resumed %s (written by %d ranks) on %d ranks: engines re-split", ckpt, saved_world,
+                        get_world_size())
+    return client
+
+
+def _seed_new_rank(rng0: dict, rank: int) -> None:
+    """A rank the saved run did not have: RNG streams seeded from (saved rank 0's torch state, rank)."""
+    import hashlib
+
+    seed = int.from_bytes(hashlib.blake2b(rng0["torch"].numpy().tobytes() + rank.to_bytes(4, "little"),
+                                          digest_size=8).digest(), "little") >> 1
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _client_file(ckpt: Path, rank: int) -> dict:
+    path = ckpt / "client" / f"rank_{rank:05d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint {ckpt} is incomplete; resume from an older one")
+    return torch.load(path, weights_only=False)

@@ -112,8 +112,13 @@ class JointTrainer:
             return False
         client = E.load_checkpoint(ckpt, self.engines, modules={"ema": self.ema_module})
         self.step, self.consumed, self.run_id = client["step"], client["consumed_samples"], client["wandb_run_id"]
-        loader.load_state_dict(client["loader"])
-        self.gen.set_state(client["generator"])
+        peers = client.get("peers")  # every saved rank's client state, when the world size changed
+        if peers is None:
+            loader.load_state_dict(client["loader"])
+        else:
+            loader.resume_from([p["loader"] for p in peers])  # the epoch continues on the new ranks
+        if peers is None or self.rank < len(peers):  # a new rank keeps its own freshly seeded noise stream
+            self.gen.set_state(client["generator"])
         return True
 
     # -- tau and export -------------------------------------------------------------------------------------------
