@@ -23,6 +23,8 @@ from fastardiff_ds.engines.ds_config import train_ds_config
 from fastardiff_ds.engines.groups import mpu_scope
 
 ModelOrBuilder = nn.Module | Callable[[], nn.Module]
+# fp32 master shards of DeepSpeed's ZeRO-3, ZeRO-1/2 and BF16 optimizer wrappers
+_MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
 
 
 @dataclass
@@ -163,7 +165,12 @@ class Engine:
 
     def master_params(self) -> list[torch.Tensor]:
         """The tensors the optimizer updates: this rank's fp32 master shards under ZeRO / bf16, else the
-        module's parameters (replicated on every rank)."""
+        module's parameters (replicated on every rank). ZeRO-3 lists its shards in the optimizer's param
+        groups only during a step, hence the wrapper attributes (DeepSpeed 0.19.8 names)."""
+        for attr in _MASTER_ATTRS:
+            tensors = getattr(self.ds.optimizer, attr, None)
+            if tensors:
+                return list(tensors)
         return [p for g in self.ds.lr_scheduler.optimizer.param_groups for p in g["params"]]
 
     @property

@@ -92,7 +92,7 @@ class JointStep:
         for name, scale in w.lr.items():
             if name in self.engines:
                 self.engines[name].set_lr_scale(scale)
-        log = self.cfg.train.log_every
+        log = max(self.cfg.train.log_every, 1)
         self.measure, self.updates = step == 0 or (step + 1) % log == 0, {}  # the steps the trainer logs
         return w
 

@@ -45,7 +45,8 @@ def _setup(tiny_cfg, mode: str, grad_accum: int, optimizer: str = "sgd"):
     ref_nets = copy.deepcopy(nets)  # the reference starts from the same weights and is never stepped
     teacher = Dispatch(TeacherNet(target, head)).eval().requires_grad_(False)
     ema = copy.deepcopy(nets["student"]).requires_grad_(False)
-    engines = {k: fake_engine(k, v, LRS[k], grad_accum, optimizer) for k, v in nets.items()}
+    scale = 1.0 if optimizer == "sgd" else 1e-3  # Adam steps ~lr per element
+    engines = {k: fake_engine(k, v, LRS[k] * scale, grad_accum, optimizer) for k, v in nets.items()}
     uncond = (torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
     step_fn = JointStep(cfg, engines, Frozen(teacher), NoEMA(), ema, uncond)
     return cfg, step_fn, engines, Eq9Reference(ref_nets, teacher, ema, uncond)
@@ -153,3 +154,32 @@ def test_engine_steps_equal_the_sgd_step_of_eq9(tiny_cfg, mode, grad_accum, stag
         assert err < 2e-4, (k, err)
         # the step was applied: theta_after - theta_before = update, to fp32 rounding of theta
         assert float((real - upd).abs().max()) <= 1e-4 * float(upd.abs().max()) + 4e-7 * theta, k
+
+
+def _first_step_updates(tiny_cfg, mode: str, step: int) -> dict:
+    """update/<engine> (‖Δθ‖/‖θ‖, as logged) of one AdamW step at `step`, from the same weights and batch."""
+    cfg, step_fn, _, _ = _setup(tiny_cfg, mode, 1, optimizer="adamw")
+    cfg.train.steps = cfg.train.cd_steps = 10  # a CD step, alpha(0) = 0.95, alpha(8) = 0.23
+    step_fn.alpha = alpha_schedule(cfg)
+    m = step_fn(*_batch(cfg, 0), step, torch.Generator().manual_seed(7))
+    return {k.split("/")[1]: v for k, v in m.items() if k.startswith("update/")}
+
+
+def test_update_sizes_follow_alpha(tiny_cfg):
+    """Adam's first step is lr * g / (|g| + eps): its size is set by the lr alone, whatever scales the loss.
+    So in mode lr the update sizes at two steps are in the ratio of the engines' Eq. 9 weights, while the
+    literal loss weighting (mode loss) leaves them unchanged -- the reason lr is the default."""
+    sched = alpha_schedule(_setup(tiny_cfg, "lr", 1)[0])
+    sched = type(sched)(sched.kind, sched.alpha0, sched.alphaT, 10, sched.step_at)
+    a0, a8 = sched(0), sched(8)
+    want = {"draft": a8 / a0, "student": (1 - a8) / (1 - a0), "target": (1 - a8) / (1 - a0)}
+    for mode in ("lr", "loss"):
+        u0, u8 = _first_step_updates(tiny_cfg, mode, 0), _first_step_updates(tiny_cfg, mode, 8)
+        for k, ratio in want.items():
+            got = u8[k] / u0[k]
+            print(f"[update] mode={mode} {k}: update@0={u0[k]:.3e} update@8={u8[k]:.3e} ratio={got:.4f} "
+                  f"(Eq. 9 weight ratio {ratio:.4f})")
+            if mode == "lr":
+                assert got == pytest.approx(ratio, rel=1e-3), (k, got, ratio)
+            else:  # Adam's eps lets the smallest gradients shrink a little; nowhere near the weight ratio
+                assert 0.8 < got < 1.25, (k, got)
