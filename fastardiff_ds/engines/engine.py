@@ -4,7 +4,10 @@ Each engine has its own optimizer and lr schedule (``EngineSpec``); batch size a
 into the DeepSpeed dict from the experiment config (see ``ds_config``). Two optimizer paths:
 - GPU: ``"optimizer": {"type": "AdamW"}`` in the resolved dict, so DeepSpeed picks FusedAdam (or
   DeepSpeedCPUAdam under optimizer offload), bf16 when the JSON says ``"auto"`` and the GPU has it;
-- CPU: a client ``torch.optim.AdamW`` with ``zero_allow_untested_optimizer`` (gloo, fp32).
+- CPU: a client ``torch.optim.AdamW`` with ``zero_allow_untested_optimizer`` (gloo; fp32 unless the JSON
+  forces bf16, which DeepSpeed 0.19.8's CPU accelerator supports).
+The lr schedule carries a factor the trainer sets before a step (``set_lr_scale``: Eq. 9's α in
+``train.alpha_mode=lr``); ``master_params`` exposes the fp32 shards the optimizer updates (update sizes).
 Every method is collective under ZeRO-3: all ranks call the same engines in the same order.
 """
 

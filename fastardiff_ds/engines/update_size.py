@@ -16,8 +16,8 @@ from fastardiff_ds.engines.dist import all_reduce
 
 
 def step_with_update_size(engine, measure: bool = True) -> float | None:
-    """``engine.step()``; with ``measure`` and at an accumulation boundary, also return ‖Δθ‖ / ‖θ‖ of that step
-    over every rank's shards (collective over ``engine.dp_group``: all ranks must pass the same ``measure``).
+    """``engine.step()``; with ``measure`` and at an accumulation boundary, also return ‖Δθ‖ / ‖θ‖ of that
+    step over every rank's shards (collective over ``engine.dp_group``: all ranks must pass the same ``measure``).
     Returns None when not measured (no optimizer step happened, or ``measure`` is False)."""
     if not (measure and engine.at_boundary()):
         engine.step()

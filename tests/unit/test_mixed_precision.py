@@ -25,7 +25,8 @@ def test_shipped_configs_accumulate_bf16_gradients_in_fp32(name):
 def test_bf16_defaults_to_fp32_accumulation_and_keeps_an_explicit_choice():
     cfg = _resolve({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}})
     assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
-    explicit = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}, "data_types": {"grad_accum_dtype": "bf16"}}
+    explicit = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 0},
+                "data_types": {"grad_accum_dtype": "bf16"}}
     assert _resolve(explicit)["data_types"] == {"grad_accum_dtype": "bf16"}
     assert "data_types" not in _resolve({"zero_optimization": {"stage": 0}})  # fp32 run: nothing to add
 
