@@ -174,6 +174,7 @@ class TrainConfig:
     alpha0: float = 0.95
     alphaT: float = 0.05
     alpha_step_at: float = 0.5
+    alpha_mode: Literal["lr", "loss"] = "lr"  # lr: alpha(t) scales each engine's lr (SGD-equivalent of Eq. 9) | loss: scales the losses
     lr_draft: float = 1e-4
     lr_target: float = 1e-5
     lr_student_cd: float = 1e-4  # paper S2.3 stage 1
@@ -190,6 +191,7 @@ class TrainConfig:
     dmd_guidance: float = 5.0  # teacher CFG of the real score in DMD; the student's fixed embedding there
     student_steps: int = 2  # few-step grid the DMD generator is trained on
     grad_accum: int = 1
+    activation_checkpointing: bool = False  # recompute each AR decoder layer in backward (draft, trained target)
     teacher_group_size: int = 0  # ranks the frozen teacher is partitioned over (0 = ranks of one node)
     teacher_replicate: bool = False  # replicate the teacher instead (small models)
     log_every: int = 10

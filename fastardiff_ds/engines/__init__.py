@@ -9,6 +9,7 @@
   per-file sizes + checksums and verification (fallback to the newest intact checkpoint); ``reshard``: ZeRO-3
   engine state re-split onto another world size at load time.
 - ``export``: gathered weights to/from safetensors; ``ema``: EMA of partitioned networks.
+- ``update_size``: ‖Δθ‖/‖θ‖ of an optimizer step over the master shards (shows α(t) reaching each engine).
 - ``memory``: per-GPU model-state estimates (DeepSpeed's ZeRO-3 estimator) and the README table.
 """
 
@@ -22,11 +23,12 @@ from fastardiff_ds.engines.engine import Engine, EngineSpec, build_engine, defau
 from fastardiff_ds.engines.export import export_safetensors, gathered_state_dict, load_gathered_state_dict
 from fastardiff_ds.engines.memory import NetSize, count_params, estimate_memory, nextstep_large_table
 from fastardiff_ds.engines.teacher import FrozenEngine, build_frozen, build_teacher
+from fastardiff_ds.engines.update_size import step_with_update_size
 
 __all__ = [
     "EMA", "Engine", "all_gather_object", "all_reduce", "comm_device", "EngineSpec", "FrozenEngine", "NetSize", "count_params", "barrier", "build_engine", "build_frozen", "build_teacher",
     "capture_rng_state", "default_lr_lambda", "device", "estimate_memory", "export_safetensors",
     "gathered_state_dict", "get_rank", "get_world_size", "inference_ds_config", "init_distributed", "is_rank0",
     "latest_intact", "load_checkpoint", "load_ds_config", "load_gathered_state_dict", "local_world_size", "nextstep_large_table",
-    "resolve_resume", "restore_rng_state", "save_checkpoint", "step_tag", "train_ds_config",
+    "resolve_resume", "restore_rng_state", "save_checkpoint", "step_tag", "step_with_update_size", "train_ds_config",
 ]

@@ -1,6 +1,7 @@
 """DeepSpeed config dicts: engine knobs from ``ds_configs/*.json``, everything else injected from our config.
 
-The JSON files hold engine knobs only (ZeRO stage and its buckets, bf16 "auto", clipping, monitors).
+The JSON files hold engine knobs only (ZeRO stage and its buckets, bf16 "auto" with fp32 gradient accumulation,
+clipping, monitors).
 Batch sizes, learning rates and optimizer hyper-parameters live once, in the typed config tree, and are
 injected here -- a JSON that carries them is rejected so there is never a second source of truth.
 """
@@ -51,6 +52,22 @@ def bf16_enabled(setting: Any, device_type: str) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def _fp32_grad_accumulation(cfg: dict) -> None:
+    """bf16 weights and activations, fp32 gradient accumulation and master weights (NextStep-1's recipe).
+
+    DeepSpeed 0.19.8 reads ``"data_types": {"grad_accum_dtype": "fp32"}``: ZeRO-1 then uses its BF16_Optimizer,
+    ZeRO-2/3 accumulate into fp32 gradient partitions. Defaulted here when bf16 is on and the JSON is silent;
+    ZeRO stage 0 has no fp32 accumulation path (DeepSpeed raises "unsupported mix"), so it is refused by name.
+    """
+    dtypes = cfg.setdefault("data_types", {})
+    dtypes.setdefault("grad_accum_dtype", "fp32")
+    if dtypes["grad_accum_dtype"] == "fp32" and cfg["zero_optimization"].get("stage", 0) == 0:
+        raise ValueError("bf16 with fp32 gradient accumulation (data_types.grad_accum_dtype=fp32) needs ZeRO stage "
+                         ">= 1; DeepSpeed has no such path at stage 0. Use ds_configs/zero2.json or zero3.json, or "
+                         'set "data_types": {"grad_accum_dtype": "bf16"} in the DeepSpeed JSON to accept bf16 '
+                         "accumulation")
+
+
 def _resolve_common(base: dict, *, micro_batch: int, device_type: str, zero_stage: int | None,
                     zero_overrides: dict | None) -> dict:
     check_engine_knobs_only(base)
@@ -63,6 +80,8 @@ def _resolve_common(base: dict, *, micro_batch: int, device_type: str, zero_stag
     zero.update(zero_overrides or {})
     bf16 = cfg.setdefault("bf16", {"enabled": "auto"})
     bf16["enabled"] = bf16_enabled(bf16.get("enabled", "auto"), device_type)
+    if bf16["enabled"]:
+        _fp32_grad_accumulation(cfg)
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     if device_type == "cpu":
         # The CPU path uses a client torch.optim.AdamW, which ZeRO only accepts with this flag.

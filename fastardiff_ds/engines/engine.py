@@ -4,7 +4,10 @@ Each engine has its own optimizer and lr schedule (``EngineSpec``); batch size a
 into the DeepSpeed dict from the experiment config (see ``ds_config``). Two optimizer paths:
 - GPU: ``"optimizer": {"type": "AdamW"}`` in the resolved dict, so DeepSpeed picks FusedAdam (or
   DeepSpeedCPUAdam under optimizer offload), bf16 when the JSON says ``"auto"`` and the GPU has it;
-- CPU: a client ``torch.optim.AdamW`` with ``zero_allow_untested_optimizer`` (gloo, fp32).
+- CPU: a client ``torch.optim.AdamW`` with ``zero_allow_untested_optimizer`` (gloo; fp32 unless the JSON
+  forces bf16, which DeepSpeed 0.19.8's CPU accelerator supports).
+The lr schedule carries a factor the trainer sets before a step (``set_lr_scale``: Eq. 9's α in
+``train.alpha_mode=lr``); ``master_params`` exposes the fp32 shards the optimizer updates (update sizes).
 Every method is collective under ZeRO-3: all ranks call the same engines in the same order.
 """
 
@@ -23,6 +26,8 @@ from fastardiff_ds.engines.ds_config import train_ds_config
 from fastardiff_ds.engines.groups import mpu_scope
 
 ModelOrBuilder = nn.Module | Callable[[], nn.Module]
+# fp32 master shards of DeepSpeed's ZeRO-3, ZeRO-1/2 and BF16 optimizer wrappers
+_MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
 
 
 @dataclass
@@ -72,6 +77,17 @@ def default_lr_lambda(spec: EngineSpec) -> Callable[[int], float]:
     return fn
 
 
+def scaled_lr_lambda(fn: Callable[[int], float]) -> tuple[Callable[[int], float], list]:
+    """``fn`` times a mutable factor: (lambda, its one-element box). A plain closure, so LambdaLR's state
+    dict stores None for it (a callable object's ``__dict__`` would be pickled into the checkpoint)."""
+    box = [1.0]
+
+    def scaled(step: int) -> float:
+        return fn(step) * box[0]
+
+    return scaled, box
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only; biases and norm gains (ndim < 2) get no weight decay.
 
@@ -98,8 +114,9 @@ class Engine:
     ``groups.mpu_scope``) so engines on different groups can live in one process.
     """
 
-    def __init__(self, ds_engine, spec: EngineSpec, ds_config: dict, mpu=None):
+    def __init__(self, ds_engine, spec: EngineSpec, ds_config: dict, mpu=None, lr_scale: list | None = None):
         self.ds, self.spec, self.ds_config, self.mpu = ds_engine, spec, ds_config, mpu
+        self._lr_scale = lr_scale  # the one-element box the lr lambda multiplies by (see scaled_lr_lambda)
 
     @property
     def name(self) -> str:
@@ -127,7 +144,42 @@ class Engine:
 
     @property
     def lr(self) -> float:
+        """The lr the next optimizer step uses (scheduled lr x the current ``set_lr_scale`` factor)."""
         return float(self.ds.get_lr()[0])
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Multiply the scheduled lr by ``scale`` from the next optimizer step on (Eq. 9's α in lr mode).
+
+        Rewrites the optimizer's lr now (LambdaLR only recomputes it after a step) and keeps the factor in
+        the lambda, so the schedule and ``lr`` agree. Local, no collective; the factor is not checkpointed
+        (the caller sets it from the step number before every step)."""
+        if self._lr_scale is None:
+            raise RuntimeError(f"engine {self.name!r} was built without a scalable lr schedule (build_engine)")
+        if not scale >= 0.0:
+            raise ValueError(f"engine {self.name!r}: lr scale must be >= 0, got {scale}")
+        self._lr_scale[0] = float(scale)
+        sched = self.ds.lr_scheduler
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
+
+    def at_boundary(self) -> bool:
+        """Whether the next ``step`` ends a gradient-accumulation window (so the optimizer really steps)."""
+        return bool(self.ds.is_gradient_accumulation_boundary())
+
+    def master_params(self) -> list[torch.Tensor]:
+        """The tensors the optimizer updates: this rank's fp32 master shards under ZeRO / bf16, else the
+        module's parameters (replicated on every rank). ZeRO-3 lists its shards in the optimizer's param
+        groups only during a step, hence the wrapper attributes (DeepSpeed 0.19.8 names)."""
+        for attr in _MASTER_ATTRS:
+            tensors = getattr(self.ds.optimizer, attr, None)
+            if tensors:
+                return list(tensors)
+        return [p for g in self.ds.lr_scheduler.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def dp_group(self):
+        """The process group this engine's gradients are reduced over (None = the world)."""
+        return None if self.mpu is None else self.mpu.get_data_parallel_group()
 
     @property
     def grad_norm(self) -> float | None:
@@ -193,7 +245,7 @@ def build_engine(model: ModelOrBuilder, spec: EngineSpec, ds_base: dict, *, micr
     cfg = train_ds_config(ds_base, micro_batch=micro_batch, grad_accum=grad_accum, world_size=world,
                           device_type=device_type, grad_clip=spec.grad_clip, zero_stage=spec.zero_stage,
                           zero_overrides=spec.zero_overrides)
-    fn = lr_lambda or default_lr_lambda(spec)
+    fn, lr_scale = scaled_lr_lambda(lr_lambda or default_lr_lambda(spec))
     with mpu_scope(None):
         module = _construct(model, cfg)
         groups = param_groups(module, spec.weight_decay)
@@ -208,4 +260,4 @@ def build_engine(model: ModelOrBuilder, spec: EngineSpec, ds_base: dict, *, micr
         ds_engine, *_ = deepspeed.initialize(
             model=module, model_parameters=groups if optimizer is None else None, optimizer=optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn), config=cfg)
-    return Engine(ds_engine, spec, cfg)
+    return Engine(ds_engine, spec, cfg, lr_scale=lr_scale)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2Attention, Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding, apply_rotary_pos_emb,
@@ -141,6 +142,13 @@ class Qwen2Backbone(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(c, i) for i in range(c.num_hidden_layers)])
         self.norm = Qwen2RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=c)
+        self.gradient_checkpointing = False  # see activation_checkpointing()
+
+    def activation_checkpointing(self, on: bool = True) -> "Qwen2Backbone":
+        """Recompute each decoder layer in backward instead of storing its activations (training forwards
+        without a KV cache only; NextStep-1 trains its 14B AR this way). Costs one extra layer forward."""
+        self.gradient_checkpointing = bool(on)
+        return self
 
     def rebuild_rope(self, device=None) -> None:
         """Recompute the RoPE frequencies (a non-persistent fp32 buffer, absent from checkpoints) on `device`;
@@ -158,8 +166,12 @@ class Qwen2Backbone(nn.Module):
         """embeds: (B,T,H) at positions `pos`. With a cache, keys/values are written to it (caller advances it)."""
         rope = self.rotary_emb(embeds, pos.rope)
         h, probs, layer_hidden = embeds, None, {}
+        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h, p = layer(h, rope, pos, cache, i, explicit=(i == explicit_layer))
+            if recompute:  # non-reentrant: works with ZeRO-3's parameter hooks and inputs without grad
+                h, p = checkpoint(layer, h, rope, pos, None, i, i == explicit_layer, use_reentrant=False)
+            else:
+                h, p = layer(h, rope, pos, cache, i, explicit=(i == explicit_layer))
             if p is not None:
                 probs = p
             if i + 1 in return_layers:

@@ -6,9 +6,11 @@ Per step, with teacher forcing on real image tokens:
 - Head branch, L_dist: stage 1 consistency distillation of the student against one CFG-guided teacher ODE step
   (EMA target), stage 2 DMD (fake score every step, generator every `gen_every` steps).
 - L = alpha(t) (L_reg + lambda_ent L_ent) + (1 - alpha(t)) L_dist. The draft, student (and target) are separate
-  engines, so each gets the gradient of its own term: draft <- alpha * (L_reg + lambda L_ent),
-  student <- (1 - alpha) * L_dist, and a trainable target receives dL_dist/dcond through a surrogate backward
-  (the student's engine never touches the target's parameters).
+  engines, so each gets the gradient of its own term: draft <- L_reg + lambda L_ent, student <- L_dist, and a
+  trainable target receives dL_dist/dcond through a surrogate backward (the student's engine never touches the
+  target's parameters). train.alpha_mode=lr (default) puts alpha on the learning rates (draft x alpha, student
+  and target x (1 - alpha)); =loss weights the losses instead (schedules/alpha.py says why lr is the default).
+  `step` is the optimizer step: the micro-batches of one accumulation window pass the same step.
 Every engine call happens in the same order on every rank (ZeRO-3 collectives); branching depends on the step
 number only.
 """
@@ -22,7 +24,7 @@ from ..losses.consistency import ConsistencyConfig, consistency_distillation_los
 from ..losses.dmd import DMDConfig, dmd_fake_score_loss, dmd_generator_loss, few_step_generate
 from ..losses.entropy import entropy_loss
 from ..losses.regression import feature_regression_loss
-from ..schedules.alpha import AlphaSchedule, alpha
+from ..schedules.alpha import AlphaSchedule, alpha, eq9_weights
 from ..schedules.timesteps import time_grid
 from .networks import head_fn
 
@@ -49,6 +51,9 @@ class JointStep:
         self.ema, self.ema_head = ema, head_fn(ema_module)
         self.uncond_ids, self.uncond_mask = uncond_prompt  # (1, P) ids / mask of the negative ("" = empty) prompt
         self.alpha = alpha_schedule(cfg)
+        self.alpha_mode = cfg.train.alpha_mode
+        eq9_weights(self.alpha(0), self.alpha_mode)  # refuses an unknown mode before the first step
+        self.measure, self.updates = False, {}
         self.draft_layer = cfg.model.draft.entropy_layer % cfg.model.draft.num_layers
         t = cfg.train
         self.cd = ConsistencyConfig(delta=t.cd_delta, t_max=1.0 - t.cd_delta, guidance_min=t.guidance_min,
@@ -75,11 +80,28 @@ class JointStep:
                                 "train.on_nonfinite=skip to skip such steps")
         return False
 
+    def _step(self, name: str) -> None:
+        """Step one engine; on logging steps record its relative update size ‖Δθ‖/‖θ‖ as update/<name>."""
+        size = E.step_with_update_size(self.engines[name], self.measure)
+        if size is not None:
+            self.updates[f"update/{name}"] = size
+
+    def _apply_alpha(self, step: int):
+        """Eq. 9's weights at `step`: lr factors set on the engines now, loss factors returned."""
+        w = eq9_weights(self.alpha(step), self.alpha_mode)
+        for name, scale in w.lr.items():
+            if name in self.engines:
+                self.engines[name].set_lr_scale(scale)
+        log = max(self.cfg.train.log_every, 1)
+        self.measure, self.updates = step == 0 or (step + 1) % log == 0, {}  # the steps the trainer logs
+        return w
+
     # -- the step -------------------------------------------------------------------------------------------------
     def __call__(self, ids, mask, tokens, step: int, gen: torch.Generator) -> dict:
         """ids/mask: (B,P) prompts (text dropout applied); tokens: (B,N,D) clean image tokens."""
         cfg, e, B = self.cfg, self.engines, ids.shape[0]
-        a = self.alpha(step)
+        w = self._apply_alpha(step)
+        a = w.alpha
         uids = self.uncond_ids.expand(B, -1).to(ids.device)
         umask = self.uncond_mask.expand(B, -1).to(ids.device)
         cond_t, hid_t = self.teacher("features", ids, mask, tokens)
@@ -90,40 +112,42 @@ class JointStep:
         else:
             cond_s, hid_target = cond_t, hid_t
         metrics = {"alpha": a, "stage": 0.0 if stage_of(cfg, step) == "cd" else 1.0}
-        metrics.update(self.ar_branch(ids, mask, tokens, hid_target, a, step))
+        metrics.update({f"lr_scale/{n}": s for n, s in w.lr.items() if n in e})
+        metrics.update(self.ar_branch(ids, mask, tokens, hid_target, w.loss["ar"], step))
         C, D = cond_s.shape[-1], tokens.shape[-1]
         cond_in = cond_s.detach().reshape(-1, C).requires_grad_("target" in e)
         guided = self.teacher_velocity(cond_t.reshape(-1, C), cond_u.reshape(-1, C))
         if stage_of(cfg, step) == "cd":
-            metrics.update(self.cd_branch(tokens.reshape(-1, D), cond_in, guided, a, step, gen))
+            metrics.update(self.cd_branch(tokens.reshape(-1, D), cond_in, guided, w.loss["dist"], step, gen))
         else:
-            metrics.update(self.dmd_branch(cond_in, guided, a, step, gen, (B, tokens.shape[1], D)))
+            metrics.update(self.dmd_branch(cond_in, guided, w.loss["dist"], step, gen, (B, tokens.shape[1], D)))
         if "target" in e and cond_in.grad is not None:  # surrogate: d(sum cond * g)/dtheta = dL_dist/dtheta
+            # cond_in.grad already carries the student engine's 1/grad_accum; the target's backward divides again
             e["target"].backward((cond_s.reshape(-1, C) * cond_in.grad).sum() * cfg.train.grad_accum)
-            e["target"].step()
-        return metrics
+            self._step("target")
+        return {**metrics, **self.updates}
 
-    def ar_branch(self, ids, mask, tokens, hid_target, a, step) -> dict:
+    def ar_branch(self, ids, mask, tokens, hid_target, weight, step) -> dict:
         out = self.engines["draft"]("forward_train", ids, mask, tokens, explicit_layer=self.draft_layer)
         l_reg, m_reg = feature_regression_loss(out.hidden, hid_target)
         l_ent, m_ent, ents = entropy_loss(out.attn_probs, out.attn_valid)
         loss = l_reg + self.cfg.train.lambda_ent * l_ent
         if self._check("L_reg + L_ent", loss, step):
-            self.engines["draft"].backward(a * loss)
-            self.engines["draft"].step()
+            self.engines["draft"].backward(weight * loss)
+            self._step("draft")
         return {**m_reg, **m_ent, "loss/ar": float(loss.detach()), "_draft_entropy": ents}
 
-    def cd_branch(self, tokens, cond_in, guided, a, step, gen) -> dict:
+    def cd_branch(self, tokens, cond_in, guided, weight, step, gen) -> dict:
         student = self.engines["student"]
         l_cd, m = consistency_distillation_loss(head_fn(student), self.ema_head, guided, tokens, cond_in, gen,
                                                 config=self.cd)
         if self._check("L_cd", l_cd, step):
-            student.backward((1.0 - a) * l_cd)
-            student.step()
+            student.backward(weight * l_cd)
+            self._step("student")
             self.ema.update(self.cfg.train.ema_decay)
         return {**m, "loss/dist": float(l_cd.detach())}
 
-    def dmd_branch(self, cond_in, guided, a, step, gen, shape) -> dict:
+    def dmd_branch(self, cond_in, guided, weight, step, gen, shape) -> dict:
         t = self.cfg.train
         B, N, D = shape
         student, fake = self.engines["student"], self.engines["fake"]
@@ -142,14 +166,14 @@ class JointStep:
             fake_v = lambda xx, tt: head_fn(fake)(xx, tt, cond_in.detach())  # noqa: E731
             l_g, m = dmd_generator_loss(x.reshape(B, N, D), real, fake_v, gen, config=self.dmd)
             if self._check("L_dmd", l_g, step):
-                student.backward((1.0 - a) * l_g)
-                student.step()
+                student.backward(weight * l_g)
+                self._step("student")
             metrics.update(m)
             metrics["loss/dist"] = float(l_g.detach())
         l_f, m_f = dmd_fake_score_loss(head_fn(fake), x.detach(), cond_in.detach(), gen, config=self.dmd)
         if self._check("L_fake", l_f, step):
-            fake.backward(l_f)
-            fake.step()
+            fake.backward(l_f)  # DMD's auxiliary score: outside Eq. 9, never weighted
+            self._step("fake")
         metrics.update(m_f)
         return metrics
 

@@ -80,6 +80,7 @@ def load_teacher_state(cfg: Config) -> dict[str, torch.Tensor]:
 def init_networks(cfg: Config, teacher_state: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
     """Trainable networks initialised from the teacher: target AR (only with train.target_ar), draft (first k layers
     + own norm), student head (teacher head + zero-initialised guidance embedding), fake score (teacher head).
+    The trained ARs recompute their layers in backward when train.activation_checkpointing is set.
     The full target is not built unless it is trained: at 14B it would be a 56 GB fp32 copy per rank."""
     ar_state = {k: v for k, v in teacher_state.items() if not k.startswith("image_head.")}
     head_state = {k.removeprefix("image_head."): v for k, v in teacher_state.items() if k.startswith("image_head.")}
@@ -92,9 +93,10 @@ def init_networks(cfg: Config, teacher_state: dict[str, torch.Tensor]) -> dict[s
     draft.load_state_dict(target_to_draft_state(ar_state, cfg.model.draft.num_layers))
     if not cfg.model.draft.train_embeddings:  # 778M frozen params at 14B scale: the draft reuses the target's
         draft.embed_tokens.requires_grad_(False)
+    draft.activation_checkpointing(cfg.train.activation_checkpointing)
     nets = {"draft": Dispatch(draft), "student": Dispatch(student), "fake": Dispatch(fake)}
     if cfg.train.target_ar:
         target = build_target(cfg)
         target.load_state_dict(ar_state)
-        nets["target"] = Dispatch(target)
+        nets["target"] = Dispatch(target.activation_checkpointing(cfg.train.activation_checkpointing))
     return nets

@@ -73,6 +73,10 @@ def test_all_stages_run_and_shard(setup, tmp_path, group_size):
             if isinstance(v, float):
                 assert math.isfinite(v), (k, v)
     assert any("dmd/loss" in r for r in rows.values()) and any("fake/loss" in r for r in rows.values())
+    lr_draft = cfg.train.lr_draft
+    for r in rows.values():  # train.alpha_mode=lr: alpha(t) is on the draft's lr, and every step is measured
+        assert r["lr/draft"] == pytest.approx(lr_draft * r["alpha"], rel=1e-6), r["step"]
+        assert r["update/draft"] > 0 and r["update/fake" if r["stage"] else "update/student"] > 0, r["step"]
     meta = json.loads((tmp_path / "run" / "export" / "meta.json").read_text())
     assert math.isfinite(meta["tau"]) and (tmp_path / "run" / "export" / "student_head.safetensors").is_file()
 

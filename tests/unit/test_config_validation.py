@@ -38,7 +38,7 @@ def test_the_issue_examples_are_refused_naming_the_key():
 
 def test_every_mode_key_is_an_enum():
     assert {k for k, _ in ENUMS} >= {
-        "train.on_nonfinite", "train.alpha_kind", "inference.sampler", "inference.cfg_schedule", "inference.accept",
+        "train.on_nonfinite", "train.alpha_kind", "train.alpha_mode", "inference.sampler", "inference.cfg_schedule", "inference.accept",
         "inference.draft_policy", "inference.compile_mode", "data.kind", "data.interpolation",
         "model.image.tokenizer", "model.text.tokenizer", "model.text.prompt_style", "model.dtype", "wandb.mode"}
     free_text = {k for k, t, _ in leaves(CFG) if t is str}  # every str key left is a path, a name or a prompt
@@ -55,9 +55,10 @@ def test_enum_choices_are_the_subsystems_own():
     from fastardiff_ds.sampling.flow import KINDS
     from fastardiff_ds.sampling.guidance import SCHEDULES
     from fastardiff_ds.sampling.speculative import ACCEPT_RULES
-    from fastardiff_ds.schedules.alpha import ALPHA_KINDS
+    from fastardiff_ds.schedules.alpha import ALPHA_KINDS, ALPHA_MODES
 
     enums = dict(ENUMS)
+    assert enums["train.alpha_mode"] == ALPHA_MODES
     assert enums["train.alpha_kind"] == ALPHA_KINDS and enums["inference.cfg_schedule"] == SCHEDULES
     assert enums["inference.compile_mode"] == COMPILE_MODES and enums["inference.accept"] == ACCEPT_RULES
     assert enums["inference.draft_policy"] == POLICIES and enums["model.text.prompt_style"] == PROMPT_STYLES

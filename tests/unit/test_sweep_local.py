@@ -17,7 +17,7 @@ def test_alpha_sweep_yaml_expands_to_valid_overrides():
 
     sweep = yaml.safe_load((ROOT / "sweeps" / "alpha_schedule.yaml").read_text())
     runs = sweep_local.expand(sweep["parameters"], "grid", None, 0)
-    assert len(runs) == 3 * 2 * 2 * 2 and len({tuple(r.items()) for r in runs}) == len(runs)
+    assert len(runs) == 2 * 3 * 2 * 2 * 2 and len({tuple(r.items()) for r in runs}) == len(runs)
     cmd = sweep_local.command_for(sweep, runs[0], ["run_dir=x"])
     assert cmd[:3] == ["deepspeed", "--num_gpus=2", "launcher/train_t2i.py"]
     overrides = [c for c in cmd if "=" in c and not c.startswith("--")]

@@ -1,4 +1,4 @@
-"""The joint step on one process (plain modules behind a minimal engine interface): stage routing, alpha
+"""The joint step on one process (plain modules behind engines.Engine over a DeepSpeed stand-in): stage routing, alpha
 weighting, NaN handling, and that each loss reaches only its own network."""
 from __future__ import annotations
 
@@ -7,40 +7,9 @@ import copy
 import pytest
 import torch
 
+from _ds_like import Frozen, NoEMA, fake_engine
 from fastardiff_ds.training.joint import JointStep, NonFiniteLoss, stage_of
 from fastardiff_ds.training.networks import Dispatch, TeacherNet, init_networks
-
-
-class LocalEngine:
-    """The subset of engines.Engine the step uses: call, backward, step -- on a plain module with SGD."""
-
-    def __init__(self, module, lr=1e-2):
-        self.module, self.opt, self.steps = module, torch.optim.SGD(module.parameters(), lr=lr), 0
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss):
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-
-    def step(self):
-        self.opt.step()
-        self.steps += 1
-
-
-class Frozen:
-    def __init__(self, module):
-        self.module = module
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-
-class NoEMA:
-    def update(self, decay):
-        pass
 
 
 def _setup(tiny_cfg, target_ar=False):
@@ -55,7 +24,7 @@ def _setup(tiny_cfg, target_ar=False):
         torch.nn.init.normal_(p, std=0.05)
     nets = init_networks(cfg, nextstep_state(target, head))
     teacher = Frozen(Dispatch(TeacherNet(target, head)).eval())
-    engines = {k: LocalEngine(v) for k, v in nets.items()}
+    engines = {k: fake_engine(k, v, lr=1e-2) for k, v in nets.items()}
     ema = copy.deepcopy(nets["student"]).requires_grad_(False)
     uncond = (torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
     return cfg, JointStep(cfg, engines, teacher, NoEMA(), ema, uncond), engines, teacher
@@ -80,7 +49,8 @@ def test_stage_routing_and_engine_steps(tiny_cfg):
     assert seen[:3] == [("cd", True, False, False)] * 3
     assert [s[2] for s in seen[3:]] == [True, False, True]  # generator every gen_every=2 DMD steps
     assert all(s[3] for s in seen[3:])  # fake score every DMD step
-    assert engines["draft"].steps == 6 and engines["fake"].steps == 3 and engines["student"].steps == 3 + 2
+    steps = {k: len(e.ds.records) for k, e in engines.items()}
+    assert steps["draft"] == 6 and steps["fake"] == 3 and steps["student"] == 3 + 2
 
 
 def test_losses_reach_only_their_network(tiny_cfg):
@@ -108,5 +78,5 @@ def test_nonfinite_loss_stops_or_skips_with_a_named_loss(tiny_cfg, policy):
             step_fn(ids, mask, tokens, 0, torch.Generator().manual_seed(0))
     else:
         step_fn(ids, mask, tokens, 0, torch.Generator().manual_seed(0))
-        assert engines["draft"].steps == 0
+        assert len(engines["draft"].ds.records) == 0
         assert all(torch.equal(v, engines["draft"].module.state_dict()[n]) for n, v in draft_before.items())
