@@ -1,4 +1,7 @@
-"""The engine layer: the only package that calls DeepSpeed (DESIGN.md §2, STYLE.md principle 6).
+"""The engine layer: the only package that calls DeepSpeed or torch.distributed (DESIGN.md §2, STYLE.md principle 6).
+
+- ``runtime``: ``Runtime``, the one object trainers and launchers hold for every distributed side effect
+  (init, groups, collectives on the communication device, barriers, engine construction, checkpoint I/O, teardown).
 
 - ``dist``: process-group bootstrap (gloo on CPU, nccl on GPU), rank helpers, the few collectives others need.
 - ``ds_config``: ds_configs/*.json (engine knobs) + batch size / clipping injected from our config.
@@ -18,11 +21,12 @@ from fastardiff_ds.engines.ds_config import inference_ds_config, load_ds_config,
 from fastardiff_ds.engines.ema import EMA
 from fastardiff_ds.engines.engine import Engine, EngineSpec, build_engine, default_lr_lambda
 from fastardiff_ds.engines.export import export_safetensors, gathered_state_dict, load_gathered_state_dict
+from fastardiff_ds.engines.runtime import Runtime
 from fastardiff_ds.engines.memory import NetSize, count_params, estimate_memory, nextstep_large_table
 from fastardiff_ds.engines.teacher import FrozenEngine, build_frozen, build_teacher
 
 __all__ = [
-    "EMA", "Engine", "all_gather_object", "all_reduce", "comm_device", "EngineSpec", "FrozenEngine", "NetSize", "count_params", "barrier", "build_engine", "build_frozen", "build_teacher",
+    "EMA", "Engine", "Runtime", "all_gather_object", "all_reduce", "comm_device", "EngineSpec", "FrozenEngine", "NetSize", "count_params", "barrier", "build_engine", "build_frozen", "build_teacher",
     "capture_rng_state", "default_lr_lambda", "device", "estimate_memory", "export_safetensors",
     "gathered_state_dict", "get_rank", "get_world_size", "inference_ds_config", "init_distributed", "is_rank0",
     "load_checkpoint", "load_ds_config", "load_gathered_state_dict", "local_world_size", "nextstep_large_table",
