@@ -138,7 +138,7 @@ class JointStep:
         B, N, D = shape
         student, fake = self.engines["student"], self.engines["fake"]
         w = torch.full((B * N,), float(t.dmd_guidance), device=cond_in.device)
-        grid = time_grid(t.student_steps)[:-1]
+        grid = time_grid(t.student_steps, device=cond_in.device)[:-1]
         gen_step = (step - t.cd_steps) % t.gen_every == 0
         noise = torch.randn(B * N, D, generator=gen).to(cond_in.device)  # CPU generator: same draws on any device
         # The trained step k must be the same on every rank: it sets how many times the student (a ZeRO-3
