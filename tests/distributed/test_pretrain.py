@@ -16,7 +16,7 @@ COMMON = ["data.batch_size=2", "data.num_workers=0", "wandb.enabled=false", "pre
           "pretrain.sample_every=0", "pretrain.steps=6", "pretrain.save_every=3", "pretrain.warmup_steps=2",
           "pretrain.lr=1e-3", "pretrain.ema_decay=0.9", "pretrain.batch_mul=2",
           "inference.num_steps=2", "inference.batch_size=8"]
-LAUNCH = {"python": 0, "2 ranks": 2}  # 0: plain `python launcher/pretrain_t2i.py`, world size 1
+LAUNCH = {"python": 0, "deepspeed2": 2}  # 0: plain `python launcher/pretrain_t2i.py`, world size 1
 
 
 @pytest.fixture(scope="module")
