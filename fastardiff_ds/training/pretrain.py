@@ -80,7 +80,9 @@ class PretrainTask:
         spec = E.EngineSpec("model", pc.lr, tuple(pc.betas), weight_decay=pc.weight_decay, grad_clip=pc.grad_clip,
                             schedule="constant")  # the schedule is `sched` (schedules.lr, as before stage 0 ran here)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.engine = rt.build_engine(lambda: build_pretrain_net(cfg), spec, ds_base, micro_batch=cfg.data.batch_size,
+        # Built whole, then partitioned by deepspeed.initialize: under zero.Init the head's post-construction init
+        # (zero adaLN / output layers, flow_head.py) would write to empty shards and be lost.
+        self.engine = rt.build_engine(build_pretrain_net(cfg), spec, ds_base, micro_batch=cfg.data.batch_size,
                                       grad_accum=1, lr_lambda=sched)
         self.engines = {"model": self.engine}
         self.ema_module = self._build_ema(ds_base)
