@@ -30,49 +30,22 @@ SAMPLE_PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a phot
                   "a photo of a circle above a diamond", "a photo of a red triangle and a yellow square"]
 
 
-def sample_grid_callback(cfg: Config, trainer, text, image, logger, prompts=SAMPLE_PROMPTS):
-    """A callback(step) that samples the current teacher (baseline mode) and writes samples/step_XXXXXX.png."""
-    from fastardiff_ds.inference import Pipeline
-    from fastardiff_ds.models import ModelBundle
-    from fastardiff_ds.visual import make_grid
-
-    out = Path(cfg.run_dir) / "samples"
-
-    def callback(step: int) -> None:
-        trainer.target.eval()
-        trainer.head.eval()
-        try:
-            bundle = ModelBundle(cfg, trainer.target, trainer.head)
-            pipe = Pipeline(bundle, "baseline", trainer.device)
-            images = pipe.generate(prompts, list(range(len(prompts))))
-        finally:
-            trainer.target.train()
-            trainer.head.train()
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"step_{step:06d}.png"
-        make_grid(images, prompts, cols=4, scale=4, caption_height=12).save(path)
-        logger.image("samples", path, step=step)
-
-    return callback
-
-
-def joint_sample_callback(cfg: Config, prompts=SAMPLE_PROMPTS):
-    """callback(trainer, logger, export_dir): rank 0 samples the exported checkpoint in `fastardiff` mode (the
-    student + draft + target verification) and writes samples/step_XXXXXX.png; the other ranks wait."""
-    from fastardiff_ds import engines as E
+def sample_callback(cfg: Config, rt, mode: str, prompts=SAMPLE_PROMPTS):
+    """callback(trainer, logger, export_dir): rank 0 samples the exported checkpoint in `mode` (pretraining:
+    `baseline`, from the EMA weights; the joint run: `fastardiff`) into samples/step_XXXXXX.png; others wait."""
     from fastardiff_ds.visual import make_grid
 
     def callback(trainer, logger, export_dir) -> None:
-        if E.is_rank0() and export_dir is not None:
+        if rt.is_rank0 and export_dir is not None:
             from fastardiff_ds.inference import load_pipeline
 
-            pipe = load_pipeline(str(export_dir), mode="fastardiff", device=str(E.device()))
+            pipe = load_pipeline(str(export_dir), mode=mode, device=str(rt.device))
             images = pipe.generate(prompts, list(range(len(prompts))))
             out = Path(cfg.run_dir) / "samples"
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"step_{trainer.step:06d}.png"
             make_grid(images, prompts, cols=4, scale=4, caption_height=12).save(path)
-            logger.image("samples/fastardiff", path, step=trainer.step)
-        E.barrier()
+            logger.image(f"samples/{mode}", path, step=trainer.step)
+        rt.barrier()
 
     return callback

@@ -1,54 +1,65 @@
-"""Stage 0: pretrain a teacher (AR + flow head) with rectified flow, for presets without public weights.
+"""Stage 0: pretrain a teacher (AR + flow head) with rectified flow on DeepSpeed, for presets without public weights.
 
-    python launcher/pretrain_t2i.py --preset tiny run_dir=runs/tiny_teacher pretrain.steps=3000
-    python launcher/pretrain_t2i.py --preset tiny --resume auto run_dir=runs/tiny_teacher   # continue
+    python launcher/pretrain_t2i.py --preset tiny run_dir=runs/tiny_teacher pretrain.steps=3000      # one process
+    deepspeed --num_gpus 8 launcher/pretrain_t2i.py --preset tiny run_dir=runs/tiny_teacher          # 8 ranks
+    ... --resume auto                                                                               # continue
 
 Without shards at `data.shards`, the tiny preset generates the synthetic shapes set there first.
-Writes run_dir/checkpoint (config.json + model.safetensors, loadable by generate.py), metrics.jsonl, samples/.
+Writes run_dir/checkpoint (config.json + model.safetensors = the EMA weights, loadable by generate.py and as
+train.teacher), run_dir/checkpoints (resumable: engine, optimizer, EMA, data cursor, RNG), metrics.jsonl, samples/.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
+T_START = time.time()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import ensure_shapes_data, sample_grid_callback  # noqa: E402
+from _common import ensure_shapes_data, sample_callback  # noqa: E402
 from fastardiff_ds.cli import add_config_args, config_from_args, text_and_image_tokenizers  # noqa: E402
+from fastardiff_ds.config import save_config, to_dict  # noqa: E402
 from fastardiff_ds.data.loader import build_loader  # noqa: E402
+from fastardiff_ds.engines import Runtime  # noqa: E402
 from fastardiff_ds.logging import make_logger  # noqa: E402
-from fastardiff_ds.models import build_head, build_target  # noqa: E402
-from fastardiff_ds.training.pretrain import Pretrainer  # noqa: E402
+from fastardiff_ds.training.pretrain import pretrain_trainer  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
-    p.add_argument("--resume", choices=["auto", "never"], default="auto")
+    p.add_argument("--ds_config", default=None, help="DeepSpeed engine knobs (default: pretrain.ds_config)")
+    p.add_argument("--resume", default="auto", help="auto (latest if any) | none | a checkpoint tag or path")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    if args.ds_config:
+        cfg.pretrain.ds_config = args.ds_config
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ensure_shapes_data(cfg)
-    text, image = text_and_image_tokenizers(cfg, device)
-    grid = cfg.model.image.grid
-    loader = build_loader(cfg.data, rank=0, world_size=1, pad_id=text.pad_id,
-                          tokenize=lambda s: text.prompt_ids(s, grid, strict=False))
-    trainer = Pretrainer(cfg, build_target(cfg), build_head(cfg), image, loader, device)
-    if args.resume == "auto" and trainer.resume():
-        print(f"resumed from {cfg.run_dir} at step {trainer.state.step}")
-    logger = make_logger(cfg.wandb, cfg.run_dir, {"preset": cfg.preset, **vars(args)}, name="pretrain")
-    trainer.logger = logger
-    state = trainer.fit(on_sample=sample_grid_callback(cfg, trainer, text, image, logger))
-    logger.finish()
-    print(f"done: step {state.step}, {state.samples} samples in {state.seconds / 60:.1f} min -> "
-          f"{Path(cfg.run_dir) / 'checkpoint'}")
+    with Runtime.start() as rt:
+        if rt.is_rank0:
+            ensure_shapes_data(cfg)
+            save_config(cfg, Path(cfg.run_dir) / "config.json")
+        rt.barrier()
+        text, image = text_and_image_tokenizers(cfg, rt.device)
+        trainer = pretrain_trainer(rt, cfg, image, lambda run_id: make_logger(
+            cfg.wandb, cfg.run_dir, {"preset": cfg.preset, **to_dict(cfg)}, rt.rank, run_id, name="pretrain"))
+        grid = cfg.model.image.grid
+        loader = build_loader(cfg.data, rank=rt.rank, world_size=rt.world_size, pad_id=text.pad_id,
+                              tokenize=lambda s: text.prompt_ids(s, grid, strict=False))
+        resumed = trainer.resume("none" if args.resume == "never" else args.resume, loader)
+        if rt.is_rank0:
+            print(json.dumps({"resumed_at_step" if resumed else "fresh_run": trainer.step, "world_size": rt.world_size}))
+        summary = trainer.fit(loader, T_START, on_sample=sample_callback(cfg, rt, "baseline"))
+        if rt.is_rank0:
+            print(json.dumps(summary))
 
 
 if __name__ == "__main__":

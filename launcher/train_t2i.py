@@ -20,13 +20,13 @@ from pathlib import Path
 T_START = time.time()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ensure_shapes_data, joint_sample_callback  # noqa: E402
-from fastardiff_ds import engines as E  # noqa: E402
+from _common import ensure_shapes_data, sample_callback  # noqa: E402
 from fastardiff_ds.cli import add_config_args, config_from_args, text_and_image_tokenizers  # noqa: E402
 from fastardiff_ds.config import save_config, to_dict  # noqa: E402
 from fastardiff_ds.data.loader import build_loader  # noqa: E402
+from fastardiff_ds.engines import Runtime  # noqa: E402
 from fastardiff_ds.logging import make_logger  # noqa: E402
-from fastardiff_ds.training.trainer import JointTrainer  # noqa: E402
+from fastardiff_ds.training.trainer import joint_trainer  # noqa: E402
 
 
 def main(argv=None):
@@ -39,25 +39,25 @@ def main(argv=None):
     cfg = config_from_args(args, adopt_teacher=True)  # the model is the train.teacher folder's
     if args.ds_config:
         cfg.train.ds_config = args.ds_config
-    E.init_distributed()
-    if E.is_rank0():
-        ensure_shapes_data(cfg)
-        save_config(cfg, Path(cfg.run_dir) / "config.json")
-    E.barrier()
-    text, image = text_and_image_tokenizers(cfg, E.device())
-    grid = cfg.model.image.grid
-    trainer = JointTrainer(cfg, text, image, lambda run_id: make_logger(
-        cfg.wandb, cfg.run_dir, to_dict(cfg), E.get_rank(), run_id, name=Path(cfg.run_dir).name))
-    loader = build_loader(cfg.data, rank=E.get_rank(), world_size=E.get_world_size(), pad_id=text.pad_id,
-                          tokenize=lambda s: text.prompt_ids(s, grid, strict=False))
-    resumed = trainer.resume(args.resume, loader)
-    report = trainer.partition_report()
-    if E.is_rank0():
-        print(json.dumps({"resumed_at_step" if resumed else "fresh_run": trainer.step, "partitions": report}))
-        print(json.dumps({"deepspeed_memory_estimate_bytes_per_gpu": trainer.memory_estimate()}))
-    summary = trainer.fit(loader, T_START, on_sample=joint_sample_callback(cfg))
-    if E.is_rank0():
-        print(json.dumps(summary))
+    with Runtime.start() as rt:
+        if rt.is_rank0:
+            ensure_shapes_data(cfg)
+            save_config(cfg, Path(cfg.run_dir) / "config.json")
+        rt.barrier()
+        text, image = text_and_image_tokenizers(cfg, rt.device)
+        grid = cfg.model.image.grid
+        trainer = joint_trainer(rt, cfg, text, image, lambda run_id: make_logger(
+            cfg.wandb, cfg.run_dir, to_dict(cfg), rt.rank, run_id, name=Path(cfg.run_dir).name))
+        loader = build_loader(cfg.data, rank=rt.rank, world_size=rt.world_size, pad_id=text.pad_id,
+                              tokenize=lambda s: text.prompt_ids(s, grid, strict=False))
+        resumed = trainer.resume(args.resume, loader)
+        report = trainer.task.partition_report()
+        if rt.is_rank0:
+            print(json.dumps({"resumed_at_step" if resumed else "fresh_run": trainer.step, "partitions": report}))
+            print(json.dumps({"deepspeed_memory_estimate_bytes_per_gpu": trainer.task.memory_estimate()}))
+        summary = trainer.fit(loader, T_START, on_sample=sample_callback(cfg, rt, "fastardiff"))
+        if rt.is_rank0:
+            print(json.dumps(summary))
 
 
 if __name__ == "__main__":

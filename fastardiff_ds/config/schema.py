@@ -111,8 +111,10 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    """Stage 0 (launcher/pretrain_t2i.py): AR + flow head with rectified flow, for presets without public weights."""
+    """Stage 0 (launcher/pretrain_t2i.py): AR + flow head with rectified flow, for presets without public weights.
+    DeepSpeed over N ranks; `data.batch_size` is per rank. The export (run_dir/checkpoint) holds the EMA weights."""
 
+    ds_config: str = "ds_configs/zero3.json"  # engine knobs (ZeRO stage, bf16); --ds_config on the launcher
     steps: int = 3000
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -121,8 +123,10 @@ class PretrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     batch_mul: int = 4  # noise draws per token (NextStep-1 fm_head_batch_mul)
+    ema_decay: float = 0.999  # EMA of AR + head (ceiling; warmed up as (1+s)/(10+s)); the export holds the EMA
     log_every: int = 20
     save_every: int = 250
+    keep_last: int = 2  # training checkpoints kept under run_dir/checkpoints
     sample_every: int = 500
     max_minutes: float = 0.0  # > 0: save and stop after this much wall-clock time
 

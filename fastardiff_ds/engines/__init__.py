@@ -1,6 +1,8 @@
-"""The engine layer: the only package that calls DeepSpeed (DESIGN.md §2, STYLE.md principle 6).
+"""The engine layer: the only package that calls DeepSpeed or torch.distributed (DESIGN.md §2, STYLE.md principle 6).
 
-- ``dist``: process-group bootstrap (gloo on CPU, nccl on GPU), rank helpers, the few collectives others need.
+- ``runtime``: ``Runtime``, the one object trainers and launchers hold for every distributed side effect
+  (init, groups, collectives on the communication device, barriers, engine construction, checkpoint I/O, teardown).
+- ``dist``: process-group bootstrap (gloo on CPU, nccl on GPU) and rank helpers for the engine modules.
 - ``ds_config``: ds_configs/*.json (engine knobs) + batch size / clipping injected from our config.
 - ``engine``: ``EngineSpec`` + ``build_engine`` -- one ZeRO engine per trainable network.
 - ``teacher``: frozen networks (teacher on its own process group, EMA copies), inference only.
@@ -21,12 +23,13 @@ from fastardiff_ds.engines.ds_config import inference_ds_config, load_ds_config,
 from fastardiff_ds.engines.ema import EMA
 from fastardiff_ds.engines.engine import Engine, EngineSpec, build_engine, default_lr_lambda
 from fastardiff_ds.engines.export import export_safetensors, gathered_state_dict, load_gathered_state_dict
+from fastardiff_ds.engines.runtime import Runtime
 from fastardiff_ds.engines.memory import NetSize, count_params, estimate_memory, nextstep_large_table
 from fastardiff_ds.engines.teacher import FrozenEngine, build_frozen, build_teacher
 from fastardiff_ds.engines.update_size import step_with_update_size
 
 __all__ = [
-    "EMA", "Engine", "all_gather_object", "all_reduce", "comm_device", "EngineSpec", "FrozenEngine", "NetSize", "count_params", "barrier", "build_engine", "build_frozen", "build_teacher",
+    "EMA", "Engine", "Runtime", "all_gather_object", "all_reduce", "comm_device", "EngineSpec", "FrozenEngine", "NetSize", "count_params", "barrier", "build_engine", "build_frozen", "build_teacher",
     "capture_rng_state", "default_lr_lambda", "device", "estimate_memory", "export_safetensors",
     "gathered_state_dict", "get_rank", "get_world_size", "inference_ds_config", "init_distributed", "is_rank0",
     "latest_intact", "load_checkpoint", "load_ds_config", "load_gathered_state_dict", "local_world_size", "nextstep_large_table",

@@ -107,34 +107,26 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-_REDUCE_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
+# The collectives live on `runtime.Runtime` (one implementation, tensors moved to the communication device);
+# these module-level names stay for engines-internal callers and older scripts.
 
 
 def comm_device(group=None) -> torch.device:
-    """Where a tensor must live for a collective on `group`: this rank's GPU under nccl, else the CPU."""
-    if dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return device()
-    return torch.device("cpu")
+    """Where a tensor must live for a collective on `group` (see `Runtime.comm_device`)."""
+    from fastardiff_ds.engines.runtime import Runtime
+
+    return Runtime().comm_device(group)
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
-    """A new tensor: `tensor` reduced over the ranks of `group` (sum | min | max), on `tensor`'s device.
+    """`Runtime().all_reduce`: a new tensor reduced over `group` (sum | min | max), on `tensor`'s device."""
+    from fastardiff_ds.engines.runtime import Runtime
 
-    The collective runs on `comm_device` (a CPU tensor under nccl would fail); without a process group it
-    returns a copy of `tensor`.
-    """
-    if op not in _REDUCE_OPS:
-        raise ValueError(f"all_reduce op={op!r}; expected one of {sorted(_REDUCE_OPS)}")
-    out = tensor.detach().to(comm_device(group), copy=True)
-    if dist.is_initialized():
-        dist.all_reduce(out, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
-    return out.to(tensor.device)
+    return Runtime().all_reduce(tensor, op, group)
 
 
 def all_gather_object(obj, group=None) -> list:
-    """Every rank's picklable `obj`, in rank order (``[obj]`` without a process group)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
+    """`Runtime().all_gather_object`: every rank's picklable `obj`, in rank order."""
+    from fastardiff_ds.engines.runtime import Runtime
+
+    return Runtime().all_gather_object(obj, group)

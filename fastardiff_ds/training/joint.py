@@ -46,8 +46,9 @@ class JointStep:
     """Computes the losses of one step and steps the engines. `engines`: draft, student, fake [, target];
     `teacher`: frozen engine over a `TeacherNet`; `ema`: EMA tracker of the student with `ema_module` its copy."""
 
-    def __init__(self, cfg: Config, engines: dict, teacher, ema, ema_module, uncond_prompt):
+    def __init__(self, cfg: Config, engines: dict, teacher, ema, ema_module, uncond_prompt, rt=None):
         self.cfg, self.engines, self.teacher = cfg, engines, teacher
+        self.rt = rt or E.Runtime()  # the finiteness vote; a world of one without a process group
         self.ema, self.ema_head = ema, head_fn(ema_module)
         self.uncond_ids, self.uncond_mask = uncond_prompt  # (1, P) ids / mask of the negative ("" = empty) prompt
         self.alpha = alpha_schedule(cfg)
@@ -71,8 +72,7 @@ class JointStep:
 
     def _check(self, name: str, value: torch.Tensor, step: int) -> bool:
         """All ranks agree on whether a loss is finite (a rank-local decision would desynchronise ZeRO-3)."""
-        bad = E.all_reduce(torch.tensor([0.0 if torch.isfinite(value).all() else 1.0]), "max")  # on the comm device
-        if bad.item() == 0:
+        if self.rt.all_finite(value):  # flag made on the loss's device, reduced on the communication device
             return True
         if self.cfg.train.on_nonfinite == "stop":
             raise NonFiniteLoss(f"loss '{name}' is not finite at step {step}: stopping (train.on_nonfinite=stop). "
@@ -96,10 +96,20 @@ class JointStep:
         self.measure, self.updates = step == 0 or (step + 1) % log == 0, {}  # the steps the trainer logs
         return w
 
-    # -- the step -------------------------------------------------------------------------------------------------
-    def __call__(self, ids, mask, tokens, step: int, gen: torch.Generator) -> dict:
-        """ids/mask: (B,P) prompts (text dropout applied); tokens: (B,N,D) clean image tokens."""
+    # -- the step functions (training/loop.py calls the one of the step's stage) -----------------------------------
+    def cd_step(self, inputs: tuple, step: int, gen: torch.Generator) -> dict:
+        """Stage 1: AR branch + consistency distillation. inputs = (ids, mask, tokens)."""
+        return self(*inputs, step, gen, stage="cd")
+
+    def dmd_step(self, inputs: tuple, step: int, gen: torch.Generator) -> dict:
+        """Stage 2: AR branch + DMD (fake score every step, generator every gen_every)."""
+        return self(*inputs, step, gen, stage="dmd")
+
+    def __call__(self, ids, mask, tokens, step: int, gen: torch.Generator, stage: str | None = None) -> dict:
+        """ids/mask: (B,P) prompts (text dropout applied); tokens: (B,N,D) clean image tokens.
+        `stage`: "cd" | "dmd" (default: from the step number, `stage_of`)."""
         cfg, e, B = self.cfg, self.engines, ids.shape[0]
+        stage = stage or stage_of(cfg, step)
         w = self._apply_alpha(step)
         a = w.alpha
         uids = self.uncond_ids.expand(B, -1).to(ids.device)
@@ -111,13 +121,13 @@ class JointStep:
             cond_s, hid_target = out.cond, out.hidden
         else:
             cond_s, hid_target = cond_t, hid_t
-        metrics = {"alpha": a, "stage": 0.0 if stage_of(cfg, step) == "cd" else 1.0}
+        metrics = {"alpha": a, "stage": 0.0 if stage == "cd" else 1.0}
         metrics.update({f"lr_scale/{n}": s for n, s in w.lr.items() if n in e})
         metrics.update(self.ar_branch(ids, mask, tokens, hid_target, w.loss["ar"], step))
         C, D = cond_s.shape[-1], tokens.shape[-1]
         cond_in = cond_s.detach().reshape(-1, C).requires_grad_("target" in e)
         guided = self.teacher_velocity(cond_t.reshape(-1, C), cond_u.reshape(-1, C))
-        if stage_of(cfg, step) == "cd":
+        if stage == "cd":
             metrics.update(self.cd_branch(tokens.reshape(-1, D), cond_in, guided, w.loss["dist"], step, gen))
         else:
             metrics.update(self.dmd_branch(cond_in, guided, w.loss["dist"], step, gen, (B, tokens.shape[1], D)))
@@ -151,10 +161,10 @@ class JointStep:
         t = self.cfg.train
         B, N, D = shape
         student, fake = self.engines["student"], self.engines["fake"]
-        w = torch.full((B * N,), float(t.dmd_guidance))
-        grid = time_grid(t.student_steps)[:-1]
+        w = torch.full((B * N,), float(t.dmd_guidance), device=cond_in.device)
+        grid = time_grid(t.student_steps, device=cond_in.device)[:-1]
         gen_step = (step - t.cd_steps) % t.gen_every == 0
-        noise = torch.randn(B * N, D, generator=gen).to(cond_in.device)
+        noise = torch.randn(B * N, D, generator=gen).to(cond_in.device)  # CPU generator: same draws on any device
         # The trained step k must be the same on every rank: it sets how many times the student (a ZeRO-3
         # engine, whose forwards are collective) runs, so it comes from the step number, not the rank's RNG.
         k = int(torch.randint(t.student_steps, (1,), generator=torch.Generator().manual_seed(self.cfg.seed + step)))

@@ -1,24 +1,32 @@
-"""Stage 0: teacher pretraining (AR + flow head, rectified flow) for presets without public weights.
+"""Stage 0: teacher pretraining (AR + flow head, rectified flow) on DeepSpeed over N ranks, with EMA.
 
 NextStep-1's image loss: the head is trained by flow matching on every image token, conditioned on
 `image_out_projector(h)` of the position before it, with logit-normal t and `batch_mul` noise draws per token;
 text is dropped with `data.drop_text_prob` (in the loader) so the model supports CFG. The text LM loss
 (weight 0.01 in NextStep-1) is not used: we never generate text.
+
+AR + head are one DeepSpeed engine ("model": AdamW, warmup-cosine lr, clipping at pretrain.grad_clip) under the
+shared loop (training/loop.py, stage "pretrain"). An fp32 EMA of it is kept after every optimizer step (MAR and
+NextStep-1 sample from EMA weights), partitioned like the engine under ZeRO-3, so its update needs no
+communication. The export (`run_dir/checkpoint`: config.json + model.safetensors, the inference layout that
+`train.teacher` and generate.py read) holds the EMA weights; the raw weights stay in the training checkpoints.
 """
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass
+import copy
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..config import Config, save_config
+from .. import engines as E
+from ..config import Config, to_dict
 from ..losses.flow_matching import FlowMatchingConfig, head_flow_matching_loss
-from ..models import FlowHead, TargetAR, save_pretrained
+from ..models import FlowHead, TargetAR, build_head, build_target, save_pretrained
 from ..schedules.lr import LRSchedule, make_lr_lambda
 from .batch import image_tokens
+from .loop import LoopConfig, Trainer
+from .networks import Dispatch
 
 
 def pretrain_loss(target: TargetAR, head: FlowHead, input_ids, attention_mask, tokens, generator, batch_mul: int):
@@ -29,108 +37,122 @@ def pretrain_loss(target: TargetAR, head: FlowHead, input_ids, attention_mask, t
     return head_flow_matching_loss(head, tokens.reshape(-1, tokens.shape[-1]), cond, generator, config=fm)
 
 
-@dataclass
-class PretrainState:
-    step: int = 0
-    samples: int = 0
-    seconds: float = 0.0
+class PretrainNet(nn.Module):
+    """AR + flow head as one trainable root (`Dispatch(PretrainNet)`: keys `inner.ar.*`, `inner.head.*`)."""
+
+    def __init__(self, ar: TargetAR, head: FlowHead):
+        super().__init__()
+        self.ar, self.head = ar, head
+
+    def loss(self, input_ids, attention_mask, tokens, generator, batch_mul: int):
+        return pretrain_loss(self.ar, self.head, input_ids, attention_mask, tokens, generator, batch_mul)
 
 
-class Pretrainer:
-    """Single-process loop (CPU or one GPU): AdamW over AR + head, warmup-cosine lr, JSONL log, resumable."""
+def build_pretrain_net(cfg: Config) -> Dispatch:
+    return Dispatch(PretrainNet(build_target(cfg), build_head(cfg)))
 
-    def __init__(self, cfg: Config, target: TargetAR, head: FlowHead, image_tokenizer, loader, device="cpu",
-                 logger=None):
-        self.cfg, self.target, self.head = cfg, target.to(device), head.to(device)
-        self.image_tokenizer, self.loader, self.device, self.logger = image_tokenizer, loader, device, logger
+
+def ema_decay(decay: float, step: int) -> float:
+    """EMA decay at optimizer step `step`, warmed up as (1 + s) / (10 + s) (diffusers `EMAModel`), so a short
+    run's EMA is not stuck at the initial weights; `decay` is the ceiling."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def split_state(state: dict[str, torch.Tensor], target: nn.Module, head: nn.Module) -> tuple[dict, dict]:
+    """Gathered `inner.ar.*` / `inner.head.*` weights -> the two modules' state dicts (non-persistent dropped)."""
+    parts = []
+    for prefix, module in (("inner.ar.", target), ("inner.head.", head)):
+        keys = set(module.state_dict())
+        parts.append({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in keys})
+    return parts[0], parts[1]
+
+
+class PretrainTask:
+    """Stage-0 networks and the "pretrain" step function for `training.loop.Trainer`."""
+
+    name, progress_key = "pretrain", "fm/loss"
+
+    def __init__(self, rt, cfg: Config, image):
+        self.rt, self.cfg, self.image, self.device = rt, cfg, image, rt.device
         pc = cfg.pretrain
-        params = [p for m in (target, head) for p in m.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=pc.lr, betas=tuple(pc.betas), weight_decay=pc.weight_decay)
-        sched = LRSchedule("cosine", pc.warmup_steps, max(pc.steps, pc.warmup_steps + 1), pc.min_lr_ratio)
-        self.lr = torch.optim.lr_scheduler.LambdaLR(self.opt, make_lr_lambda(sched))
-        self.state = PretrainState()
-        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        self.run_dir = Path(cfg.run_dir)
+        ds_base = E.load_ds_config(pc.ds_config)
+        sched = make_lr_lambda(LRSchedule("cosine", pc.warmup_steps, max(pc.steps, pc.warmup_steps + 1),
+                                          pc.min_lr_ratio))
+        spec = E.EngineSpec("model", pc.lr, tuple(pc.betas), weight_decay=pc.weight_decay, grad_clip=pc.grad_clip,
+                            schedule="constant")  # the schedule is `sched` (schedules.lr, as before stage 0 ran here)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        # Built whole, then partitioned by deepspeed.initialize: under zero.Init the head's post-construction init
+        # (zero adaLN / output layers, flow_head.py) would write to empty shards and be lost.
+        self.engine = rt.build_engine(build_pretrain_net(cfg), spec, ds_base, micro_batch=cfg.data.batch_size,
+                                      grad_accum=1, lr_lambda=sched)
+        self.engines = {"model": self.engine}
+        self.ema_module = self._build_ema(ds_base)
+        self.modules = {"ema": self.ema_module}
+        self.step_fns = {"pretrain": self.pretrain_step}
 
-    # -- checkpointing -------------------------------------------------------------------------------------------
-    def save(self) -> Path:
-        """Inference weights (config.json + model.safetensors) and the resumable train state, atomically."""
-        save_pretrained(self.run_dir / "checkpoint", self.cfg, self.target, self.head,
-                        meta={"stage": "pretrain", "step": self.state.step})
-        tmp = self.run_dir / "train_state.pt.tmp"
-        torch.save({"opt": self.opt.state_dict(), "lr": self.lr.state_dict(), "state": self.state.__dict__,
-                    "loader": self.loader.state_dict(), "generator": self.generator.get_state(),
-                    "torch_rng": torch.get_rng_state()}, tmp)
-        tmp.replace(self.run_dir / "train_state.pt")
-        return self.run_dir / "checkpoint"
+    def _build_ema(self, ds_base: dict):
+        """fp32 (an EMA in bf16 would round away updates of size (1 - decay)), partitioned like the engine under
+        ZeRO-3 (shard-wise update, no communication), replicated otherwise; starts as a copy of the engine."""
+        base = copy.deepcopy(ds_base)
+        base["bf16"] = {"enabled": False}
+        sharded = ds_base.get("zero_optimization", {}).get("stage", 0) == 3
+        ema = self.rt.build_frozen("ema", lambda: build_pretrain_net(self.cfg), base,
+                                   micro_batch=self.cfg.data.batch_size, replicate=not sharded)
+        self.ema = E.EMA(self.engine, ema)
+        self.ema.update(0.0)
+        return ema
 
-    def resume(self) -> bool:
-        path = self.run_dir / "train_state.pt"
-        if not path.is_file():
-            return False
-        from ..models import from_pretrained
+    def stage_of(self, step: int) -> str:
+        return "pretrain"
 
-        target, head = from_pretrained(self.run_dir / "checkpoint", self.cfg)
-        self.target.load_state_dict(target.state_dict())
-        self.head.load_state_dict(head.state_dict())
-        blob = torch.load(path, weights_only=False)
-        self.opt.load_state_dict(blob["opt"])
-        self.lr.load_state_dict(blob["lr"])
-        self.state = PretrainState(**blob["state"])
-        self.loader.load_state_dict(blob["loader"])
-        self.generator.set_state(blob["generator"])
-        torch.set_rng_state(blob["torch_rng"])
-        return True
+    def inputs(self, batch) -> tuple:
+        """(ids (B,P), mask (B,P), clean image tokens (B,N,D)) on this rank's device; data.kind=latents batches
+        carry cached tokens / latents (training/batch.py), pixel batches are encoded here."""
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        return ids, mask, image_tokens(batch, self.cfg.data.kind, self.image, self.cfg.model.image, self.device)
 
-    # -- the loop ------------------------------------------------------------------------------------------------
-    def train_step(self, batch) -> dict:
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        tokens = image_tokens(batch, self.cfg.data.kind, self.image_tokenizer, self.cfg.model.image, self.device)
-        loss, metrics = pretrain_loss(self.target, self.head, ids, mask, tokens, self.generator,
-                                      self.cfg.pretrain.batch_mul)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain flow-matching loss is {loss.item()} at step {self.state.step}: "
-                                     "lower pretrain.lr or check the data; the last checkpoint is intact")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in self.opt.param_groups for p in g["params"]]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.pretrain.grad_clip)
-        self.opt.step()
-        self.lr.step()
-        return {**metrics, "grad_norm": float(gnorm), "lr": self.lr.get_last_lr()[0]}
+    def pretrain_step(self, inputs: tuple, step: int, gen: torch.Generator) -> dict:
+        """One optimizer step of the flow-matching loss, then the EMA update."""
+        loss, metrics = self.engine("loss", *inputs, gen, self.cfg.pretrain.batch_mul)
+        if not self.rt.all_finite(loss):  # every rank stops together
+            raise FloatingPointError(f"pretrain flow-matching loss is not finite at step {step} (on some rank): "
+                                     "lower pretrain.lr or check the data; the last checkpoint is intact "
+                                     "(resume with --resume auto)")
+        self.engine.backward(loss)
+        self.engine.step()
+        decay = ema_decay(self.cfg.pretrain.ema_decay, step)
+        self.ema.update(decay)
+        return {**metrics, "ema/decay": decay}
 
-    def fit(self, on_sample=None) -> PretrainState:
-        pc, t0 = self.cfg.pretrain, time.time()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir / "config.json")
-        log = (self.run_dir / "metrics.jsonl").open("a")
-        from tqdm import tqdm
+    def log_metrics(self, metrics: dict, inputs: tuple) -> tuple[dict, dict]:
+        return dict(metrics), {}
 
-        bar = tqdm(total=pc.steps, initial=self.state.step, desc="pretrain", dynamic_ncols=True)
-        start_seconds = self.state.seconds
-        while self.state.step < pc.steps:
-            for batch in self.loader:
-                metrics = self.train_step(batch)
-                self.state.step += 1
-                self.state.samples += batch["input_ids"].shape[0]
-                self.state.seconds = start_seconds + time.time() - t0
-                bar.update(1)
-                if self.state.step % pc.log_every == 0 or self.state.step == 1:
-                    row = {"step": self.state.step, "samples": self.state.samples,
-                           "samples_per_s": self.state.samples / max(self.state.seconds, 1e-9), **metrics}
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{metrics['fm/loss']:.4f}")
-                    if self.logger is not None:
-                        self.logger.log(row, step=self.state.step)
-                out_of_time = pc.max_minutes > 0 and self.state.seconds > pc.max_minutes * 60
-                done = self.state.step >= pc.steps or out_of_time
-                if self.state.step % pc.save_every == 0 or done:
-                    self.save()
-                if on_sample is not None and (self.state.step % pc.sample_every == 0 or done):
-                    on_sample(self.state.step)
-                if done:
-                    bar.close()
-                    return self.state
-        bar.close()
-        return self.state
+    def finish(self, loader) -> dict:
+        return {"weights": "ema", "ema_decay": self.cfg.pretrain.ema_decay}
+
+    def export(self, meta: dict) -> Path | None:
+        """The EMA weights as an inference checkpoint at `run_dir/checkpoint` (rank 0); collective."""
+        state = self.rt.gathered_state_dict(self.ema_module)
+        out = Path(self.cfg.run_dir) / "checkpoint"
+        if self.rt.is_rank0:
+            target, head = build_target(self.cfg), build_head(self.cfg)
+            ar_sd, head_sd = split_state(state, target, head)
+            target.load_state_dict(ar_sd)
+            head.load_state_dict(head_sd)
+            save_pretrained(out, self.cfg, target, head, meta={"stage": "pretrain", "weights": "ema", **meta})
+        self.rt.barrier()
+        return out if self.rt.is_rank0 else None
+
+
+def pretrain_trainer(rt, cfg: Config, image, logger_factory) -> Trainer:
+    """Stage 0: `PretrainTask` under the shared loop, cadence from `cfg.pretrain`."""
+    pc = cfg.pretrain
+    if (Path(cfg.run_dir) / "train_state.pt").is_file() and not (Path(cfg.run_dir) / "checkpoints").is_dir():
+        raise FileExistsError(f"{cfg.run_dir} holds a run of the old single-process pretrainer (train_state.pt), "
+                              "which this trainer cannot resume; its weights are in run_dir/checkpoint. Pick a new "
+                              "run_dir (or delete train_state.pt to start over in this one)")
+    loop = LoopConfig(steps=pc.steps, log_every=pc.log_every, save_every=pc.save_every,
+                      sample_every=pc.sample_every, keep_last=pc.keep_last, max_minutes=pc.max_minutes)
+    return Trainer(rt, PretrainTask(rt, cfg, image), loop, run_dir=cfg.run_dir, config=to_dict(cfg),
+                   seed=cfg.seed, logger_factory=logger_factory)

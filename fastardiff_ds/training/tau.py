@@ -9,7 +9,7 @@ calls `measure_tau` after the last step, before the export:
   under ZeRO-3 a forward gathers parameters collectively, so a rank with less data must not skip one;
 - with no data at all (tau_batches=0, unreadable shards) it warns and returns tau = -inf, which the
   samplers read as "never stop drafting early" -- the export is written either way.
-Collectives go through `fastardiff_ds.engines` (the tensor is moved to the communication device there).
+Collectives go through the `Runtime` (tensors are made on, or moved to, the communication device).
 """
 from __future__ import annotations
 
@@ -42,20 +42,22 @@ def collect_batches(loader, n: int) -> list[dict]:
 
 
 @torch.no_grad()
-def measure_tau(entropy_fn: Callable[[dict], tuple[torch.Tensor, torch.Tensor]], batches: Iterable[dict]) -> dict:
+def measure_tau(entropy_fn: Callable[[dict], tuple[torch.Tensor, torch.Tensor]], batches: Iterable[dict],
+                rt: E.Runtime | None = None) -> dict:
     """Eq. 10 over `batches` on every rank.
 
     entropy_fn(batch) -> (entropy (B, R), valid (B, R) bool) of the draft's shallow layer (`row_entropy`).
+    `rt`: the run's Runtime (default: this process's, a world of one without a process group).
     Returns {"tau", "shallow_entropy_mean", "shallow_entropy_std", "rows", "tau_batches"}; tau is -inf (and
     the statistics None) when no rank had data.
     """
-    batches = list(batches)
-    n = int(E.all_reduce(torch.tensor([len(batches)], dtype=torch.float64), "min").item())
+    rt, batches = rt or E.Runtime(), list(batches)
+    n = int(rt.reduce_scalar(len(batches), "min"))
     stats = EntropyStats()
     for batch in batches[:n]:
         entropy, valid = entropy_fn(batch)
         stats.update(entropy[valid.to(torch.bool)])
-    stats = EntropyStats.from_tensor(E.all_reduce(stats.to_tensor()))
+    stats = EntropyStats.from_tensor(rt.all_reduce(stats.to_tensor(rt.comm_device())))
     if not stats.count:
         log.warning("tau: no training data to measure the early-stop threshold (Eq. 10) on; storing tau=-inf "
                     "(never stop drafting early). Set inference.tau at generation time, or re-measure.")

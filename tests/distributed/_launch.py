@@ -1,4 +1,5 @@
-"""Launch a launcher script on 2 CPU ranks on 127.0.0.1 with the deepspeed runner, bounded in time."""
+"""Launch a launcher script on 2 CPU ranks on 127.0.0.1 with the deepspeed runner (or, with num_ranks=0, as one
+plain `python` process without any launcher), bounded in time."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,8 @@ def free_port() -> int:
 
 
 def deepspeed_cmd(script: str, args: list[str], num_ranks: int = 2) -> list[str]:
+    if num_ranks == 0:  # a lone process: no deepspeed runner, no RANK/WORLD_SIZE env
+        return [sys.executable, str(ROOT / script), *args]
     runner = str(Path(sys.executable).parent / "deepspeed")
     return [runner, "--num_gpus", str(num_ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
             str(ROOT / script), *args]

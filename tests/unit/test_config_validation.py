@@ -44,7 +44,8 @@ def test_every_mode_key_is_an_enum():
     free_text = {k for k, t, _ in leaves(CFG) if t is str}  # every str key left is a path, a name or a prompt
     assert free_text == {"preset", "run_dir", "model.image.vae_path", "model.text.path", "data.shards",
                          "wandb.project", "wandb.entity", "wandb.group", "inference.positive_prompt",
-                         "inference.negative_prompt", "train.teacher", "train.ds_config", "train.export_dir"}
+                         "inference.negative_prompt", "train.teacher", "train.ds_config", "train.export_dir",
+                         "pretrain.ds_config"}
 
 
 def test_enum_choices_are_the_subsystems_own():

@@ -18,8 +18,8 @@ from fastardiff_ds.data.synthetic import write_shapes_dataset
 from fastardiff_ds.models import build_head, build_target, unpatchify
 from fastardiff_ds.models.image_tokenizers import VAETokenizer, load_vae
 from fastardiff_ds.training.batch import image_tokens, latent_tokens
-from fastardiff_ds.training.pretrain import Pretrainer
-from fastardiff_ds.training.trainer import JointTrainer
+from fastardiff_ds.training.pretrain import PretrainTask, pretrain_loss
+from fastardiff_ds.training.trainer import JointTask
 from nextstep_vae_fixture import write_official_vae_folder
 from test_train_step import _setup
 
@@ -95,20 +95,27 @@ def test_a_cache_that_does_not_fit_names_the_keys(data):
         image_tokens(_batches(cfg, str(root / "pixels"), "pixels")[0], "latents", None, cfg.model.image, "cpu")
 
 
-def _pretrainer(cfg, kind, image_tokenizer, tmp_path):
-    cfg = apply_overrides(copy.deepcopy(cfg), [f"data.kind={kind}", f"run_dir={tmp_path / kind}"])
-    torch.manual_seed(0)
-    return Pretrainer(cfg, build_target(cfg), build_head(cfg), image_tokenizer, loader=None)
+def _pretrain_inputs(cfg, kind, image_tokenizer, batch):
+    """PretrainTask.inputs -- the hook the training loop calls -- on a task with only what it reads."""
+    cfg = apply_overrides(copy.deepcopy(cfg), [f"data.kind={kind}"])
+    task = types.SimpleNamespace(cfg=cfg, image=image_tokenizer, device=torch.device("cpu"))
+    return PretrainTask.inputs(task, batch)
 
 
-def test_pretraining_step_on_latents_equals_the_pixel_step(data, tmp_path):
+def test_pretraining_step_on_latents_equals_the_pixel_step(data):
     root, cfg, tk = data
-    on_latents, on_pixels = _pretrainer(cfg, "latents", None, tmp_path), _pretrainer(cfg, "pixels", tk, tmp_path)
+    torch.manual_seed(0)
+    target, head = build_target(cfg), build_head(cfg)
     for a, b in zip(_batches(cfg, str(root / "grid"), "latents")[:2], _batches(cfg, str(root / "pixels"), "pixels")):
-        ma, mb = on_latents.train_step(a), on_pixels.train_step(b)
-        assert ma["fm/loss"] == pytest.approx(mb["fm/loss"], rel=1e-5) and ma["grad_norm"] > 0
-    for p, q in zip(on_latents.head.parameters(), on_pixels.head.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        ins_a, ins_b = _pretrain_inputs(cfg, "latents", None, a), _pretrain_inputs(cfg, "pixels", tk, b)
+        torch.testing.assert_close(ins_a[2], ins_b[2], rtol=1e-5, atol=1e-5)
+        la, _ = pretrain_loss(target, head, *ins_a, torch.Generator().manual_seed(1), cfg.pretrain.batch_mul)
+        lb, _ = pretrain_loss(target, head, *ins_b, torch.Generator().manual_seed(1), cfg.pretrain.batch_mul)
+        assert float(la) == pytest.approx(float(lb), rel=1e-5)
+        ga = torch.autograd.grad(la, list(head.parameters()))
+        gb = torch.autograd.grad(lb, list(head.parameters()))
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
 def test_joint_step_on_latents_equals_the_pixel_step(data):
@@ -117,10 +124,10 @@ def test_joint_step_on_latents_equals_the_pixel_step(data):
     for kind, shards, image in (("latents", "tokens", None), ("pixels", "pixels", tk)):
         c = apply_overrides(copy.deepcopy(cfg), [f"data.kind={kind}"])
         c, step_fn, engines, _ = _setup(c)
-        trainer = types.SimpleNamespace(cfg=c, image=image, device=torch.device("cpu"))  # what _inputs reads
+        trainer = types.SimpleNamespace(cfg=c, image=image, device=torch.device("cpu"))  # what JointTask.inputs reads
         gen, seen = torch.Generator().manual_seed(0), []
         for step, batch in zip((0, 3), _batches(c, str(root / shards), kind)):  # a CD step and a DMD step
-            ids, mask, tokens = JointTrainer._inputs(trainer, batch)
+            ids, mask, tokens = JointTask.inputs(trainer, batch)
             metrics = step_fn(ids, mask, tokens, step, gen)
             seen.append({k: float(v) for k, v in metrics.items() if not k.startswith("_")})
         runs[kind] = seen
