@@ -27,7 +27,7 @@ for name in sys.argv[1:]:
 print(" ".join(out))
 PYEOF
 )
-mkdir -p .whl
+rm -rf .whl && mkdir -p .whl  # one Python's wheels only: an incompatible duplicate stops the offline install
 ds_pin="${pins%% *}" pins="${pins#* }"  # PyPI has DeepSpeed as source only: build its (pure Python) wheel here
 echo "building $ds_pin (DS_BUILD_OPS=0: ops are JIT-built where they run)" >&2
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps -w .whl "$ds_pin"

@@ -29,12 +29,14 @@ def _env(**extra):
 @pytest.mark.timeout(1200)
 def test_cpu_dry_run_passes_every_stage_and_prints_one_json(tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "--cpu-dry-run", "--work", str(tmp_path / "w")],
-                         cwd=ROOT, env=_env(OUT=str(out)), capture_output=True, text=True, timeout=1150)
+    res = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "--cpu-dry-run", "--work", str(tmp_path / "w"),
+                          "--budget-s", "900"],
+                         cwd=ROOT, env=_env(OUT=str(out)), capture_output=True, text=True, timeout=1100)
     lines = res.stdout.strip().splitlines()
     report = json.loads(lines[-1])
     assert report == json.loads((out / "gpu_check.json").read_text())
-    assert res.returncode == 0 and report["ok"], (report["failed"], res.stderr[-4000:])
+    assert res.returncode == 0 and report["ok"] and report["complete"], (report["failed"], res.stderr[-4000:])
+    assert len(lines) == 1  # stdout is the JSON alone; progress and the children's logs go elsewhere
     st = report["stages"]
     assert st["train_kill"]["launcher_exit_code"] != 0 and st["train_kill"]["killed_pid"] > 0
     resume = st["resume"]
