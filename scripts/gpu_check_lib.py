@@ -185,8 +185,8 @@ def json_lines(text: str) -> list[dict]:
     return out
 
 
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process below `pid`, read from /proc (Linux)."""
+def descendants(pid: int) -> list[tuple[int, int, str]]:
+    """(pid, parent pid, command line) of every process below `pid`, read from /proc (Linux)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -196,27 +196,29 @@ def descendants(pid: int) -> list[tuple[int, str]]:
                 continue
             ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # after "(comm) state"
             children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], list(children.get(pid, []))
+    out, todo = [], [(c, pid) for c in children.get(pid, [])]
     while todo:
-        p = todo.pop()
+        p, parent = todo.pop()
         try:
             cmd = (Path("/proc") / str(p) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        out.append((p, cmd))
-        todo += children.get(p, [])
+        out.append((p, parent, cmd))
+        todo += [(c, p) for c in children.get(p, [])]
     return out
 
 
 def kill_a_rank(runner: subprocess.Popen, script: str) -> int:
-    """SIGKILL one training rank (a process running `script`, not a deepspeed launcher) under `runner`: a node
-    failure as the cluster sees it. Returns the killed pid."""
-    ranks = [(p, c) for p, c in descendants(runner.pid) if script in c and "deepspeed.launcher" not in c]
+    """SIGKILL one training rank under `runner`: a node failure as the cluster sees it. A rank is a process
+    running `script` whose parent does not (its forked data-loader workers share its command line) and which is no
+    deepspeed launcher (their command lines name the script too). Returns the killed pid."""
+    procs = descendants(runner.pid)
+    runs = {p for p, _, c in procs if script in c and "deepspeed.launcher" not in c}
+    ranks = sorted(p for p, parent, _ in procs if p in runs and parent not in runs)
     if not ranks:
         raise StageFailed(f"no rank process running {script} found under the deepspeed runner (pid {runner.pid})")
-    pid = max(ranks)[0]
-    os.kill(pid, signal.SIGKILL)
-    return pid
+    os.kill(ranks[-1], signal.SIGKILL)
+    return ranks[-1]
 
 
 def metric_rows(path: Path) -> dict[int, dict]:

@@ -6,9 +6,11 @@ MODES = ("baseline", "sd", "dmd", "fastardiff")
 
 _COMMON = ["train.log_every=1", "train.gen_every=2", "train.keep_last=2", "wandb.enabled=false"]
 
+# train_timeout_s covers DeepSpeed's first JIT build of FusedAdam (nvcc + ninja, ~1-2 min, cached after)
 GPU = {
-    "steps": 40, "budget_s": 450, "train_timeout_s": 240, "generate_timeout_s": 150, "bench_timeout_s": 240,
-    "samples": 1024, "threads": 4, "bench_prompts": 4, "resume_rtol": 1e-3,
+    "steps": 40, "budget_s": 450, "train_timeout_s": 300, "generate_timeout_s": 150, "bench_timeout_s": 240,
+    "samples": 1024, "threads": 4, "bench_prompts": 4,
+    "resume_rtol": 1e-2,  # bf16 on the GPU: an atomics-ordered gradient sum can flip one bf16 rounding of a weight
     "train": [*_COMMON, "train.steps=40", "train.save_every=10", "train.cd_steps=15", "data.batch_size=16",
               "data.num_workers=2", "train.tau_batches=2"],
     # the preset's samplers as they ship (50 head steps, 2 student steps); batch 1 as the bench, whose compiled

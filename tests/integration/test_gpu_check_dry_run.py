@@ -76,19 +76,21 @@ def test_loss_comparison_reads_killed_and_resumed_rows(tmp_path):
     assert pairs == 2 and worst == pytest.approx(1e-3)
 
 
-def test_rank_search_finds_the_script_below_the_runner_and_kills_it(tmp_path):
-    script = tmp_path / "fake_rank.py"
-    script.write_text("import time\ntime.sleep(60)\n")
+def test_rank_search_kills_the_rank_not_its_forked_worker(tmp_path):
+    script = tmp_path / "fake_rank.py"  # a "rank" that forks a "data-loader worker" with the same command line
+    script.write_text("import os, time\nif os.fork() == 0:\n    time.sleep(60)\nelse:\n    time.sleep(60)\n")
     runner = subprocess.Popen(["bash", "-c", f"{sys.executable} {script} & wait"], start_new_session=True)
     try:
-        for _ in range(100):
-            if any("fake_rank.py" in c for _, c in lib.descendants(runner.pid)):
+        for _ in range(200):
+            if sum("fake_rank.py" in c for _, _, c in lib.descendants(runner.pid)) == 2:
                 break
             time.sleep(0.05)
+        procs = {p: parent for p, parent, _ in lib.descendants(runner.pid)}
         pid = lib.kill_a_rank(runner, "fake_rank.py")
-        assert runner.wait(timeout=10) == 0 and pid != runner.pid  # bash's `wait` returned: the child died
+        assert procs[pid] == runner.pid  # the rank (bash's child), not the worker it forked
+        assert runner.wait(timeout=10) == 0  # bash's `wait` returned: the rank is dead (the worker is left)
     finally:
-        lib.killpg(runner) if runner.poll() is None else None
+        lib.killpg(runner)
 
 
 def test_wrapper_prints_a_json_when_no_python_can_run_the_project(tmp_path):
