@@ -125,7 +125,8 @@ def s_train_kill(f: dict, c: Check) -> None:
 def s_resume(f: dict, c: Check) -> None:
     """--resume auto: starts after the latest checkpoint, re-runs the steps the killed run logged past it with the
     same losses (relative tolerance: 1e-5 on CPU, exact there; 1e-2 on GPU, bf16 with order-dependent atomics)."""
-    text = run_logged(c.train_cmd("--resume", "auto"), c.logs / "resume.log", c.env, ROOT, c.left(c.s["train_timeout_s"]))
+    text = run_logged(c.train_cmd("--resume", "auto"), c.logs / "resume.log", c.env, ROOT,
+                      c.left(c.s["train_timeout_s"]))
     info = json_lines(text)
     at = next((j["resumed_at_step"] for j in info if "resumed_at_step" in j), None)
     summary = next((j for j in reversed(info) if "steps_per_s" in j or "export" in j), {})
@@ -204,7 +205,9 @@ def s_bench(f: dict, c: Check) -> None:
 def plan(c: Check) -> list[tuple]:
     """(name, fn, args, needs) in order: the bench before the compiled generations, so a spent budget costs the
     latter (the bench has compiled rows of every mode too), which then reuse its inductor cache (same batch)."""
-    gen = lambda m, comp: (f"generate_{m}" + ("_compiled" if comp else ""), s_generate, (c, m, comp), ("export",))  # noqa: E731
+    def gen(m: str, comp: bool) -> tuple:
+        return f"generate_{m}" + ("_compiled" if comp else ""), s_generate, (c, m, comp), ("export",)
+
     return [("env", s_env, (c,), ()), ("data", s_data, (c,), ("env",)),
             ("train_kill", s_train_kill, (c,), ("data",)), ("resume", s_resume, (c,), ("train_kill",)),
             ("export", s_export, (c,), ("resume",)), *[gen(m, False) for m in MODES],

@@ -12,12 +12,15 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-NEEDS="import torch, deepspeed, transformers, safetensors, sentencepiece, PIL, yaml, tqdm, pyarrow, scipy, braceexpand, webdataset, numpy"
+NEEDS="import torch, deepspeed, transformers, safetensors, sentencepiece, PIL, yaml, tqdm, pyarrow, scipy, numpy"
+NEEDS="$NEEDS, braceexpand, webdataset"
 log() { echo "[gpu_check.sh] $*" >&2; }
 
 fail_json() {  # the environment could not be set up: still print one JSON (and write it to $OUT)
-  local msg="${1//\"/\'}"
-  local json="{\"check\": \"fastardiff-ds gpu_check\", \"ok\": false, \"failed\": [\"environment\"], \"stages\": {\"environment\": {\"ok\": false, \"error\": \"${msg//$'\n'/ }\"}}}"
+  local msg="${1//\\/\\\\}"
+  msg="${msg//\"/\'}"
+  local json="{\"check\": \"fastardiff-ds gpu_check\", \"complete\": false, \"ok\": false, \"failed\": [\"environment\"],"
+  json="$json \"stages\": {\"environment\": {\"ok\": false, \"error\": \"${msg//$'\n'/ }\"}}}"
   [ -n "${OUT:-}" ] && mkdir -p "$OUT" && echo "$json" > "$OUT/gpu_check.json"
   echo "$json"
   exit 1
@@ -34,14 +37,16 @@ pick_python() {
   if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
     local site="${TMPDIR:-/tmp}/fastardiff_gpu_check_site"
     log "$PY lacks some of the project's needs: installing ./.whl offline into $site"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$ROOT"/.whl/*.whl >&2 \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "$ROOT"/.whl/*.whl >&2 \
       || fail_json "pip could not install ./.whl into $site (see stderr)"
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     return
   fi
   local sys_site=""
   "$PY" -c "import torch" >/dev/null 2>&1 && sys_site="--system-site-packages"
-  log "no .venv and $PY lacks some of the project's needs: the README install (python -m venv $sys_site .venv && pip install -e '.[test]')"
+  log "no .venv and $PY lacks some of the project's needs: the README install" \
+      "(python -m venv $sys_site .venv && pip install -e '.[test]')"
   "$PY" -m venv $sys_site .venv >&2 && .venv/bin/python -m pip install -q -e ".[test]" >&2 \
     || fail_json "the README install failed (no network? then bring wheels in ./.whl, see scripts/gpu_wheels.sh)"
   PY="$ROOT/.venv/bin/python"

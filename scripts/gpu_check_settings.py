@@ -23,7 +23,7 @@ CPU_DRY_RUN = {
     "steps": 6, "budget_s": 1200, "train_timeout_s": 240, "generate_timeout_s": 180, "bench_timeout_s": 300,
     "samples": 32, "threads": 1, "bench_prompts": 1, "resume_rtol": 1e-5,
     "train": [*_COMMON, "train.steps=6", "train.save_every=2", "train.cd_steps=2", "data.batch_size=2",
-              "data.num_workers=0", "train.tau_batches=1"],
+              "data.num_workers=1", "train.tau_batches=1"],  # a forked worker: the kill must spare it
     "infer": ["inference.batch_size=1", "inference.num_steps=2", "inference.student_steps=1"],
     "prompts": ["a photo of a red circle"],
 }
@@ -51,7 +51,8 @@ if torch.cuda.is_available():
 try:
     from deepspeed.accelerator import get_accelerator
     info["deepspeed_accelerator"] = get_accelerator().device_name()
-    info["comm_backend"] = "gloo" if info["deepspeed_accelerator"] == "cpu" else get_accelerator().communication_backend_name()
+    acc = get_accelerator()
+    info["comm_backend"] = "gloo" if info["deepspeed_accelerator"] == "cpu" else acc.communication_backend_name()
 except Exception as e:
     info["deepspeed_accelerator"] = "error: %s" % e
 print(json.dumps(info))

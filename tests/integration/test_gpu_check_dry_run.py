@@ -68,7 +68,8 @@ def test_a_failing_stage_is_recorded_and_the_next_runs():
 
 def test_loss_comparison_reads_killed_and_resumed_rows(tmp_path):
     log = tmp_path / "metrics.jsonl"
-    log.write_text('{"step": 1, "reg/loss": 1.0}\n{"step": 2, "reg/loss": 2.0, "cd/loss": 4.0, "lr": 3}\n{"step": 3, "re')
+    log.write_text('{"step": 1, "reg/loss": 1.0}\n{"step": 2, "reg/loss": 2.0, "cd/loss": 4.0, "lr": 3}\n'
+                   '{"step": 3, "re')
     before = lib.metric_rows(log)  # the line cut by the kill is dropped
     assert sorted(before) == [1, 2]
     after = {2: {"step": 2, "reg/loss": 2.0, "cd/loss": 4.0 * (1 + 1e-3)}}
