@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -100,9 +101,9 @@ def s_train_kill(f: dict, c: Check) -> None:
     proc = launch(c.train_cmd(), c.logs / "train_kill.log", c.env, ROOT)
     t_end, killed = time.time() + c.left(c.s["train_timeout_s"]), None
     while time.time() < t_end and proc.poll() is None:
-        tag = latest.read_text().strip() if latest.is_file() else ""
+        saved = tag_step(latest.read_text().strip()) if latest.is_file() else None
         steps = metric_rows(metrics)
-        if tag.startswith("step_") and steps and max(steps) > int(tag[5:]):
+        if saved is not None and steps and max(steps) > saved:
             killed = kill_a_rank(proc, TRAIN)
             break
         time.sleep(0.05)
@@ -120,6 +121,12 @@ def s_train_kill(f: dict, c: Check) -> None:
         raise StageFailed("the launcher exited 0 after a rank was SIGKILLed: the failure went unnoticed")
     if (c.run_dir / "export" / "meta.json").is_file():
         raise StageFailed("the run had already finished (export written) when the rank was killed")
+
+
+def tag_step(tag: str) -> int | None:
+    """The step a checkpoint tag names (`step_000010` -> 10), None if it names none."""
+    m = re.search(r"(\d+)$", tag)
+    return int(m.group(1)) if m else None
 
 
 def s_resume(f: dict, c: Check) -> None:
