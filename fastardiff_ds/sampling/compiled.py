@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,9 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-auto
 class CompileOptions:
     """How steps are compiled. mode 'auto': 'reduce-overhead' (CUDA graphs) on CUDA, inductor's default on CPU."""
 
-    backend: str = "inductor"  # 'aot_eager' traces and checks graphs without generating kernels (fast, for tests)
+    # 'aot_eager' traces and checks graphs without generating kernels (fast, for tests); the environment variable
+    # FASTARDIFF_COMPILE_BACKEND sets it for whole launcher runs (scripts/gpu_check.sh --cpu-dry-run)
+    backend: str = dataclasses.field(default_factory=lambda: os.environ.get("FASTARDIFF_COMPILE_BACKEND", "inductor"))
     mode: str = "auto"
     dynamic: bool | None = None  # None: static first, a dimension turns dynamic when it is seen to change
 
