@@ -67,7 +67,7 @@ RANGES: dict[str, Range] = {
     "pretrain.steps": ONE_UP, "pretrain.lr": POSITIVE, "pretrain.betas": BETA, "pretrain.weight_decay": NONNEG,
     "pretrain.warmup_steps": NONNEG, "pretrain.min_lr_ratio": UNIT, "pretrain.grad_clip": POSITIVE,
     "pretrain.batch_mul": ONE_UP, "pretrain.log_every": ONE_UP, "pretrain.save_every": ONE_UP,
-    "pretrain.sample_every": ONE_UP, "pretrain.max_minutes": NONNEG, "pretrain.ema_decay": UNIT,
+    "pretrain.sample_every": NONNEG, "pretrain.max_minutes": NONNEG, "pretrain.ema_decay": UNIT,
     "pretrain.keep_last": ONE_UP,
     # inference
     "inference.num_steps": ONE_UP, "inference.noise_level": NONNEG, "inference.time_shift": POSITIVE,

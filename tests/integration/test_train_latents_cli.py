@@ -70,4 +70,4 @@ def test_pretraining_trains_on_latents(setup, tmp_path):
            "pretrain.log_every=1", "pretrain.save_every=2", "pretrain.sample_every=2")
     got = rows(run)
     assert [r["step"] for r in got] == [1, 2] and all(math.isfinite(r["fm/loss"]) for r in got)
-    assert got[-1]["samples"] == 4 and (run / "checkpoint" / "model.safetensors").is_file()
+    assert got[-1]["consumed_samples"] == 4 and (run / "checkpoint" / "model.safetensors").is_file()
