@@ -50,6 +50,7 @@ class LoopConfig:
     sample_every: int = 0  # 0 = only at the end
     keep_last: int | None = 2
     max_minutes: float = 0.0  # > 0: save, export and stop after this much training time
+    grad_accum: int = 1  # micro-batches per optimizer step; each is given the step index of its window
 
 
 class Task(Protocol):
@@ -124,13 +125,18 @@ class Trainer:
 
         bar = tqdm(total=loop.steps, initial=st.step, desc=self.task.name, disable=not self.rt.is_rank0,
                    dynamic_ncols=True)
-        done = st.step >= loop.steps
+        done, micro = st.step >= loop.steps, 0
         while not done:
             for batch in loader:
                 inputs = self.task.inputs(batch)
+                # every micro-batch of an accumulation window sees the same optimizer-step index (alpha, stage)
                 metrics = self.task.step_fns[self.task.stage_of(st.step)](inputs, st.step, self.gen)
-                st.step += 1
                 st.consumed_samples += inputs[0].shape[0] * self.rt.world_size
+                micro += 1
+                if micro < loop.grad_accum:
+                    continue
+                micro = 0
+                st.step += 1
                 st.seconds = seconds0 + time.time() - t0
                 first_step_s = first_step_s or time.time() - (t_start or t0)
                 bar.update(1)

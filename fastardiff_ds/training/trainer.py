@@ -170,6 +170,6 @@ def joint_trainer(rt, cfg: Config, text, image, logger_factory) -> Trainer:
     """The joint run: `JointTask` under the shared loop, cadence from `cfg.train`."""
     t = cfg.train
     loop = LoopConfig(steps=t.steps, log_every=t.log_every, save_every=t.save_every, sample_every=t.sample_every,
-                      keep_last=t.keep_last)
+                      keep_last=t.keep_last, grad_accum=t.grad_accum)
     return Trainer(rt, JointTask(rt, cfg, text, image), loop, run_dir=cfg.run_dir, config=to_dict(cfg),
                    seed=cfg.seed, logger_factory=logger_factory)
