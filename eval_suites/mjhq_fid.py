@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", required=True, help="generated folder (<idx>/metadata.jsonl + samples/)")
     s.add_argument("--mjhq-root", required=True, help="folder with meta_data.json and <category>/<id>.jpg")
     s.add_argument("--features", default="inception", choices=["inception", "shapes"], help="feature network")
-    s.add_argument("--inception-weights", default=None, help=f"local FID Inception state dict (pt_inception-2015-12-05-6726825d.pth)")
+    s.add_argument("--inception-weights", default=None, help="local FID Inception state dict (pt_inception-2015-12-05-6726825d.pth)")
     s.add_argument("--shapes-weights", default=None, help="shapes feature net (default: assets/eval/shapes_features.pt)")
     s.add_argument("--resolution", type=int, default=None,
                    help="resize every image to this first (default: 1024 as the MJHQ card; 32 for --features shapes)")

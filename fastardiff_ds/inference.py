@@ -77,7 +77,7 @@ class Pipeline:
         return self.text.batch(captions, self.bundle.cfg.model.image.grid)
 
     def generate_tokens(self, prompts: list[str], seeds: list[int]) -> GenerationResult:
-        grid, n = self.bundle.cfg.model.image.grid, self.bundle.cfg.model.image.num_tokens
+        n = self.bundle.cfg.model.image.num_tokens
         target = self.bundle.target
         flow = self.student_flow(target) if self.mode in ("dmd", "fastardiff") else self.teacher_flow(target)
         ids, mask = self.prompt_batch(prompts, flow.cfg.batch_mult == 2)

@@ -30,6 +30,18 @@ SAMPLE_PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a phot
                   "a photo of a circle above a diamond", "a photo of a red triangle and a yellow square"]
 
 
+def prepare_run(cfg: Config, rt):
+    """Rank 0 writes the data (tiny presets) and the resolved config; then every rank builds the tokenizers."""
+    from fastardiff_ds.cli import text_and_image_tokenizers
+    from fastardiff_ds.config import save_config
+
+    if rt.is_rank0:
+        ensure_shapes_data(cfg)
+        save_config(cfg, Path(cfg.run_dir) / "config.json")
+    rt.barrier()
+    return text_and_image_tokenizers(cfg, rt.device)
+
+
 def sample_callback(cfg: Config, rt, mode: str, prompts=SAMPLE_PROMPTS):
     """callback(trainer, logger, export_dir): rank 0 samples the exported checkpoint in `mode` (pretraining:
     `baseline`, from the EMA weights; the joint run: `fastardiff`) into samples/step_XXXXXX.png; others wait."""

@@ -20,9 +20,9 @@ from pathlib import Path
 T_START = time.time()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ensure_shapes_data, sample_callback  # noqa: E402
-from fastardiff_ds.cli import add_config_args, config_from_args, text_and_image_tokenizers  # noqa: E402
-from fastardiff_ds.config import save_config, to_dict  # noqa: E402
+from _common import prepare_run, sample_callback  # noqa: E402
+from fastardiff_ds.cli import add_config_args, config_from_args  # noqa: E402
+from fastardiff_ds.config import to_dict  # noqa: E402
 from fastardiff_ds.data.loader import build_loader  # noqa: E402
 from fastardiff_ds.engines import Runtime  # noqa: E402
 from fastardiff_ds.logging import make_logger  # noqa: E402
@@ -40,11 +40,7 @@ def main(argv=None):
     if args.ds_config:
         cfg.train.ds_config = args.ds_config
     with Runtime.start() as rt:
-        if rt.is_rank0:
-            ensure_shapes_data(cfg)
-            save_config(cfg, Path(cfg.run_dir) / "config.json")
-        rt.barrier()
-        text, image = text_and_image_tokenizers(cfg, rt.device)
+        text, image = prepare_run(cfg, rt)
         grid = cfg.model.image.grid
         trainer = joint_trainer(rt, cfg, text, image, lambda run_id: make_logger(
             cfg.wandb, cfg.run_dir, to_dict(cfg), rt.rank, run_id, name=Path(cfg.run_dir).name))

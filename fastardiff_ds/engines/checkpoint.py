@@ -166,8 +166,8 @@ def latest_intact(root: str | Path, deep: bool = True) -> Path | None:
         _warn("checkpoint %s is damaged, falling back to an older one: %s", ckpt, "; ".join(problems))
     if damaged:
         raise FileNotFoundError(f"no intact checkpoint in {root}: " + " | ".join(damaged) + ". Restore the named "
-                                f"files from a backup, or move the damaged step_* folders away and start fresh "
-                                f"with resume=none")
+                                "files from a backup, or move the damaged step_* folders away and start fresh "
+                                "with resume=none")
     return None
 
 

@@ -17,8 +17,7 @@ from .image_tokenizers import PixelPatchTokenizer, VAETokenizer, build_image_tok
 from .kv_cache import KVCache
 from .nextstep_config import check_special_token_ids, folder_kind, official_config
 from .text_tokenizer import TextTokenizer, load_text_tokenizer, resolve_asset
-from .weights import (load_into, load_streaming, nextstep_route, nextstep_state, read_state_dict, resolve_dtype,
-                      save_safetensors, split_nextstep_state)
+from .weights import load_streaming, nextstep_route, nextstep_state, resolve_dtype, save_safetensors
 
 
 def build_target(cfg: Config) -> TargetAR:

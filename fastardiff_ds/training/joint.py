@@ -24,7 +24,7 @@ from ..losses.consistency import ConsistencyConfig, consistency_distillation_los
 from ..losses.dmd import DMDConfig, dmd_fake_score_loss, dmd_generator_loss, few_step_generate
 from ..losses.entropy import entropy_loss
 from ..losses.regression import feature_regression_loss
-from ..schedules.alpha import AlphaSchedule, alpha, eq9_weights
+from ..schedules.alpha import AlphaSchedule, eq9_weights
 from ..schedules.timesteps import time_grid
 from .networks import head_fn
 
