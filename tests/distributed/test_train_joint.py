@@ -93,7 +93,11 @@ def test_kill_and_resume_continues_the_same_loss_curve(setup, tmp_path):
     assert res.returncode == 0, res.stdout[-5000:]
     assert '"resumed_at_step": 3' in res.stdout
     a, b = _rows(tmp_path / "ref" / "metrics.jsonl"), _rows(tmp_path / "killed" / "metrics.jsonl")
-    for step in (4, 5, 6):
-        for key in ("reg/loss", "ent/loss", "loss/ar", "fake/loss"):
-            if key in a[step]:
-                assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+    compared = set()
+    for step in (4, 5, 6):  # every logged loss: draft (reg, ent), student (dmd), fake score
+        keys = [k for k in a[step] if "loss" in k]
+        assert set(keys) == {k for k in b[step] if "loss" in k}, step
+        for key in keys:
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+        compared.update(keys)
+    assert {"reg/loss", "ent/loss", "loss/ar", "fake/loss", "dmd/loss"} <= compared, compared
