@@ -2,6 +2,7 @@
 plain `python` process without any launcher), bounded in time."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -61,3 +62,12 @@ def run_until(script: str, args: list[str], done, timeout: float = 600, num_rank
             os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
     return out
+
+
+def metrics_by_step(path) -> dict[int, dict]:
+    """metrics.jsonl -> {step: row}; a resumed run re-logs steps, the last row of a step wins."""
+    rows = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows

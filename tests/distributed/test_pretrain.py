@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from _launch import run, run_until
+from _launch import metrics_by_step as _rows, run, run_until
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -31,13 +31,6 @@ def shapes(tmp_path_factory):
 def _args(shapes, run_dir, *extra):
     return [f"data.shards={shapes}", f"run_dir={run_dir}", *COMMON, *extra]
 
-
-def _rows(path):
-    rows = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row  # a resumed run re-logs steps: the last one wins
-    return rows
 
 
 @pytest.mark.parametrize("launch", list(LAUNCH))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from _launch import run, run_until
+from _launch import metrics_by_step as _rows, run, run_until
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -34,13 +34,6 @@ def setup(tmp_path_factory):
     write_shapes_dataset(str(root / "shapes"), num_samples=64, shard_size=16, resolution=32)
     return root
 
-
-def _rows(path):
-    rows = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row  # a resumed run re-logs steps: the last one wins
-    return rows
 
 
 def _args(setup, run_dir, *extra):

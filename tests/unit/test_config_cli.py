@@ -10,21 +10,11 @@ from typing import Literal, Optional
 import pytest
 
 from fastardiff_ds.config import ConfigError, apply_overrides, get_preset, resolve_config
+from fastardiff_ds.config.checks import leaves
 from fastardiff_ds.config.overrides import parse_value
 from fastardiff_ds.config.rules import DERIVED
 
 SAMPLES = {int: ("200", 200), float: ("0.25", 0.25), str: ("abc", "abc"), bool: ("true", True)}
-
-
-def leaf_fields(obj, prefix=""):
-    """(dotted key, declared type, current value) of every leaf of a dataclass tree."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from leaf_fields(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", hints[f.name], value
 
 
 def optional_inner(typ):
@@ -44,7 +34,7 @@ def cli_text(value) -> str:
 
 
 CFG = get_preset("tiny")
-OPTIONAL = [(k, optional_inner(t)) for k, t, _ in leaf_fields(CFG) if optional_inner(t) is not None]
+OPTIONAL = [(k, optional_inner(t)) for k, t, _ in leaves(CFG) if optional_inner(t) is not None]
 
 
 def test_the_tree_has_optional_fields():
@@ -68,7 +58,7 @@ def test_every_optional_field_parses(key, inner):
             apply_overrides(get_preset("tiny"), [f"{key}=x1y"])
 
 
-@pytest.mark.parametrize("key,typ,value", list(leaf_fields(CFG)), ids=[k for k, _, _ in leaf_fields(CFG)])
+@pytest.mark.parametrize("key,typ,value", list(leaves(CFG)), ids=[k for k, _, _ in leaves(CFG)])
 def test_every_field_round_trips_through_its_cli_text(key, typ, value):
     assert parse_value(cli_text(value), typ, key) == value
 
