@@ -106,7 +106,8 @@ def _decode(ar, tokens: torch.Tensor, cache, explicit_layer: int | None):
 class CompiledAR:
     """An AR model (TargetAR / DraftAR) behind the same protocol, decoding with a static cache and compiled steps."""
 
-    def __init__(self, ar, opts: CompileOptions = CompileOptions(), timer=None):
+    def __init__(self, ar, opts: CompileOptions | None = None, timer=None):
+        opts = opts or CompileOptions()  # built per call: the backend default reads the environment then
         self.ar, self.timer = ar, timer  # timer: benchmark.SectionTimer, whose hooks cannot see compiled steps
         self.device = ar.embed_tokens.weight.device
         self._decode = _Compiled(_decode, opts, self.device)
@@ -154,7 +155,8 @@ def _field_step(field, x, t, t_next, std, eps, cfg: SamplerConfig):
 class HeadChain:
     """`chain(field, sampler, noise) -> Trajectory`, a drop-in for flow.sample_tokens (same draws, same chain)."""
 
-    def __init__(self, head, opts: CompileOptions = CompileOptions(), device: torch.device | str = "cpu", timer=None):
+    def __init__(self, head, opts: CompileOptions | None = None, device: torch.device | str = "cpu", timer=None):
+        opts = opts or CompileOptions()
         self.head, self.timer = head, timer
         device = torch.device(device)
         self._mod_step = _Compiled(_modulated_step, opts, device)
@@ -205,8 +207,8 @@ def _section(timer, name: str):
 class Compiler:
     """One compiled wrapper per model, shared by every flow built on it (teacher and student flows of a target)."""
 
-    def __init__(self, opts: CompileOptions = CompileOptions(), timer=None):
-        self.opts, self.timer, self._ars, self._chains = opts, timer, {}, {}
+    def __init__(self, opts: CompileOptions | None = None, timer=None):
+        self.opts, self.timer, self._ars, self._chains = opts or CompileOptions(), timer, {}, {}
 
     def flow(self, flow):
         """An ARFlow (sampling/common.py) whose AR decodes on a static cache and whose head chains are compiled."""
