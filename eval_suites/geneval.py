@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from eval_suites.clip_weights import ACT_HELP, ACTIVATIONS
 from eval_suites.folders import read_generation_folder, read_metadata_jsonl
-from eval_suites.geneval_rules import GenEvalRules, evaluate, select_detections, summarize
+from eval_suites.geneval_rules import GenEvalRules, asked_objects, evaluate, select_detections, summarize
 from eval_suites.reporting import bar_plot, write_json, write_jsonl, write_parquet
 
 DATA = Path(__file__).resolve().parent / "geneval_data"
@@ -65,7 +65,8 @@ def score_image(path, metadata: dict, detector, color_fn, rules: GenEvalRules) -
     correct, reason = evaluate(image, detected, metadata, color_fn, rules)
     details = {c: [[*map(float, d.box), d.score] for d in dets] for c, dets in detected.items()}
     return {"filename": str(path), "tag": metadata["tag"], "prompt": metadata["prompt"], "correct": correct,
-            "reason": reason, "metadata": json.dumps(metadata), "details": json.dumps(details)}
+            "reason": reason, "metadata": json.dumps(metadata), "details": json.dumps(details),
+            "n_objects": sum(len(d) for d in detected.values()), "n_asked": asked_objects(metadata)}
 
 
 def score(args) -> tuple[dict, list[dict]]:
@@ -90,6 +91,10 @@ def format_table(summary: dict) -> str:
     for task, acc in summary["tasks"].items():
         lines.append(f"{task:<15}{acc:>10.4f}{summary['images_per_task'][task]:>8d}")
     lines += ["-" * 33, f"{'overall':<15}{summary['overall']:>10.4f}{summary['n_images']:>8d}",
+              *([f"objects per image {summary['objects_per_image']:.2f} (asked {summary['objects_asked']:.2f}); "
+                 f"exact object count {summary['exact_object_count']:.4f}; single-object images with exactly one "
+                 f"object {summary['exact_count_per_task'].get('single_object', float('nan')):.4f}"]
+                if "exact_object_count" in summary else []),
               f"images correct {summary['images_correct']:.4f}; prompts with >= 1 correct "
               f"{summary['prompts_any_correct']:.4f}"]
     return "\n".join(lines)

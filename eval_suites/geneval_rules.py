@@ -139,6 +139,27 @@ def evaluate(image, detected: dict[str, list[Detection]], metadata: dict, color_
     return correct, "\n".join(reasons)
 
 
+def asked_objects(metadata: dict) -> int:
+    """Objects a prompt asks for: the sum of its `include` counts (counting: n; two objects: 2)."""
+    return int(sum(int(e.get("count", 1)) for e in metadata.get("include", [])))
+
+
+def _object_counts(results: list[dict]) -> dict:
+    """Detected objects vs asked-for objects (crowding: extra objects GenEval's single_object rule does not
+    punish); empty when the rows carry no counts."""
+    rows = [r for r in results if "n_objects" in r and "n_asked" in r]
+    if not rows:
+        return {}
+    by_task = defaultdict(list)
+    for r in rows:
+        by_task[r["tag"]].append(int(r["n_objects"]) == int(r["n_asked"]))
+    return {"objects_per_image": float(np.mean([r["n_objects"] for r in rows])),
+            "objects_asked": float(np.mean([r["n_asked"] for r in rows])),
+            "exact_object_count": float(np.mean([int(r["n_objects"]) == int(r["n_asked"]) for r in rows])),
+            "exact_count_per_task": {t: float(np.mean(v)) for t, v in sorted(by_task.items(),
+                                                                            key=lambda kv: _task_order(kv[0]))}}
+
+
 def summarize(results: list[dict]) -> dict:
     """Per-task accuracy (mean image `correct`), overall = mean of task accuracies (summary_scores.py).
 
@@ -159,6 +180,7 @@ def summarize(results: list[dict]) -> dict:
         "prompts_any_correct": float(np.mean([any(v) for v in by_prompt.values()])),
         "n_images": len(results),
         "n_prompts": len(by_prompt),
+        **_object_counts(results),
     }
 
 

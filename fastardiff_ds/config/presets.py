@@ -70,12 +70,19 @@ def nextstep_1_1() -> Config:
 
 
 def tiny_bench() -> Config:
-    """CPU benchmark preset whose per-token FLOPs split between AR and head (with two-pass CFG, 50 head steps)
-    matches nextstep-1-large (about 63 % AR, 37 % head): a wider AR and a 64-wide head on the tiny data."""
+    """CPU preset shaped like NextStep-1 at tiny scale: per-token FLOPs split between AR and head (two-pass CFG, 50
+    head steps) of about 63 : 37 as in nextstep-1-large, and a draft of 1/8 of the target's depth (1 of 8 layers;
+    NextStep-1's is 6 of 48). Its pretraining recipe is the bundled teacher's (assets/tiny_teacher/meta.json):
+
+        python launcher/pretrain_t2i.py --preset tiny-bench run_dir=runs/teacher --threads 2
+    """
     cfg = Config(preset="tiny-bench")
-    cfg.model.ar = ARConfig(hidden_size=384, num_layers=4, num_heads=6, num_kv_heads=2, intermediate_size=1408)
+    cfg.model.ar = ARConfig(hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=1024)
     cfg.model.head = HeadConfig(width=64, depth=2)
-    cfg.train.teacher = "runs/bench_teacher/checkpoint"  # python launcher/pretrain_t2i.py --preset tiny-bench
+    cfg.model.draft = DraftConfig(num_layers=1, entropy_layer=0, shallow_layer=0)
+    p = cfg.pretrain
+    p.steps, p.lr, p.warmup_steps, p.batch_mul, p.input_noise, p.sample_every = 3600, 5e-4, 200, 8, 0.05, 1200
+    cfg.train.teacher = "assets/tiny_teacher"
     return cfg
 
 

@@ -68,7 +68,7 @@ RANGES: dict[str, Range] = {
     "pretrain.warmup_steps": NONNEG, "pretrain.min_lr_ratio": UNIT, "pretrain.grad_clip": POSITIVE,
     "pretrain.batch_mul": ONE_UP, "pretrain.log_every": ONE_UP, "pretrain.save_every": ONE_UP,
     "pretrain.sample_every": NONNEG, "pretrain.max_minutes": NONNEG, "pretrain.ema_decay": UNIT,
-    "pretrain.keep_last": ONE_UP,
+    "pretrain.keep_last": ONE_UP, "pretrain.input_noise": NONNEG,
     # inference
     "inference.num_steps": ONE_UP, "inference.noise_level": NONNEG, "inference.time_shift": POSITIVE,
     "inference.cfg_scale": NONNEG, "inference.student_steps": ONE_UP, "inference.student_final_std": NONNEG,

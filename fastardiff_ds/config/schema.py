@@ -123,6 +123,9 @@ class PretrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     batch_mul: int = 4  # noise draws per token (NextStep-1 fm_head_batch_mul)
+    # AR inputs (teacher forcing) get N(0, s^2) noise, s ~ U[0, input_noise] per sample, so the AR learns to read
+    # contexts with the head's sampling errors in them (exposure bias); the head's targets stay clean. 0 = off
+    input_noise: float = 0.0
     ema_decay: float = 0.999  # EMA of AR + head (ceiling; warmed up as (1+s)/(10+s)); the export holds the EMA
     log_every: int = 20
     save_every: int = 250

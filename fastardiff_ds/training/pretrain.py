@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import engines as E
 from ..config import Config, to_dict
+from ..losses.common import randn
 from ..losses.flow_matching import FlowMatchingConfig, head_flow_matching_loss
 from ..models import FlowHead, TargetAR, build_head, build_target, save_pretrained
 from ..schedules.lr import LRSchedule, make_lr_lambda
@@ -29,9 +30,20 @@ from .loop import LoopConfig, Trainer
 from .networks import Dispatch
 
 
-def pretrain_loss(target: TargetAR, head: FlowHead, input_ids, attention_mask, tokens, generator, batch_mul: int):
-    """tokens: (B,N,D) clean image tokens. Returns (loss, metrics)."""
-    step = target.forward_train(input_ids, attention_mask, tokens)
+def noisy_inputs(tokens: torch.Tensor, generator, input_noise: float) -> torch.Tensor:
+    """tokens + s * eps with s ~ U[0, input_noise] per sample (the AR's teacher-forcing inputs); tokens when 0."""
+    if input_noise <= 0:
+        return tokens
+    s = torch.rand(tokens.shape[0], generator=generator, device=generator.device if generator is not None else None)
+    s = s.to(tokens.device, tokens.dtype)[:, None, None] * input_noise
+    return tokens + s * randn(tuple(tokens.shape), generator, like=tokens)
+
+
+def pretrain_loss(target: TargetAR, head: FlowHead, input_ids, attention_mask, tokens, generator, batch_mul: int,
+                  input_noise: float = 0.0):
+    """tokens: (B,N,D) clean image tokens. Returns (loss, metrics). The AR reads `noisy_inputs(tokens)`, the head
+    is trained on the clean tokens."""
+    step = target.forward_train(input_ids, attention_mask, noisy_inputs(tokens, generator, input_noise))
     cond = step.cond.reshape(-1, step.cond.shape[-1])  # (B*N, C)
     fm = FlowMatchingConfig(batch_mul=batch_mul)
     return head_flow_matching_loss(head, tokens.reshape(-1, tokens.shape[-1]), cond, generator, config=fm)
@@ -44,8 +56,8 @@ class PretrainNet(nn.Module):
         super().__init__()
         self.ar, self.head = ar, head
 
-    def loss(self, input_ids, attention_mask, tokens, generator, batch_mul: int):
-        return pretrain_loss(self.ar, self.head, input_ids, attention_mask, tokens, generator, batch_mul)
+    def loss(self, input_ids, attention_mask, tokens, generator, batch_mul: int, input_noise: float = 0.0):
+        return pretrain_loss(self.ar, self.head, input_ids, attention_mask, tokens, generator, batch_mul, input_noise)
 
 
 def build_pretrain_net(cfg: Config) -> Dispatch:
@@ -114,7 +126,8 @@ class PretrainTask:
 
     def pretrain_step(self, inputs: tuple, step: int, gen: torch.Generator) -> dict:
         """One optimizer step of the flow-matching loss, then the EMA update."""
-        loss, metrics = self.engine("loss", *inputs, gen, self.cfg.pretrain.batch_mul)
+        pc = self.cfg.pretrain
+        loss, metrics = self.engine("loss", *inputs, gen, pc.batch_mul, pc.input_noise)
         if not self.rt.all_finite(loss):  # every rank stops together
             raise FloatingPointError(f"pretrain flow-matching loss is not finite at step {step} (on some rank): "
                                      "lower pretrain.lr or check the data; the last checkpoint is intact "
