@@ -192,7 +192,8 @@ class TrainConfig:
     warmup_steps: int = 0
     gen_every: int = 5  # DMD two time-scale rule: generator every k steps, fake score every step
     ema_decay: float = 0.95  # CD target network (LCM)
-    cd_delta: float = 0.02
+    cd_delta: float = 0.02  # CD skip t' - t (t' clamped to 1; 1 = regress onto the teacher's ODE endpoint)
+    cd_solver_steps: int = 1  # teacher Euler steps across the skip
     guidance_min: float = 1.0  # CFG scales sampled in CD and fed to the student's guidance embedding
     guidance_max: float = 6.0
     dmd_guidance: float = 5.0  # teacher CFG of the real score in DMD; the student's fixed embedding there

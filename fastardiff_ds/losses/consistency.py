@@ -3,9 +3,12 @@
 Convention t = 1 data, t = 0 noise. The student's consistency function is
     f_θ(x_t, t) = x_t + (1 − t)·v_θ(x_t, t)          (c_skip = 1, c_out = 1 − t, so f(x, 1) = x)
 i.e. one Euler step of the student's velocity to t = 1. One training step:
-    t ~ U[t_min, t_max] (random interpolation, not a fixed grid — paper §4.2), t' = t + Δ,
-    x_t = t·x + (1 − t)·ε,  x_t' = x_t + Δ·v_T^cfg(x_t, t; w)          (teacher ODE step, no grad)
+    t ~ U[t_min, t_max] (random interpolation, not a fixed grid — paper §4.2), t' = min(t + Δ, 1),
+    x_t = t·x + (1 − t)·ε,  x_t' = teacher ODE from (x_t, t) to t' in `solver_steps` Euler steps (no grad)
     L = pseudoHuber(f_θ(x_t, t; w), sg f_θ⁻(x_t', t'; w))              (θ⁻ = EMA or the student)
+With Δ = 0.02 and one Euler step (LCM's form) the boundary condition f(x, 1) = x reaches t = 0 only through ~1/Δ
+bootstrapping hops, many optimizer steps apart; a larger skip solved in several teacher steps shortens the chain
+(Δ = 1: every target is the teacher's own ODE endpoint, f(x_1, 1) = x_1, no bootstrap at all).
 The guidance scale w is drawn per token and fed to the student as its guidance embedding while the
 teacher applies CFG with the same w, so the student learns the guided flow for every w (LCM).
 """
@@ -29,11 +32,12 @@ GuidedVelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class ConsistencyConfig:
-    """delta: teacher ODE step Δ = t' − t. t ~ U[t_min, t_max] with t_max + delta <= 1.
-    huber_c: pseudo-Huber c (LCM: 1e-3). w ~ U[guidance_min, guidance_max] per token.
+    """delta: skip Δ = t' − t (t' clamped to 1), crossed by the teacher in `solver_steps` Euler steps.
+    t ~ U[t_min, t_max]. huber_c: pseudo-Huber c (LCM: 1e-3). w ~ U[guidance_min, guidance_max] per token.
     """
 
     delta: float = 0.02
+    solver_steps: int = 1
     t_min: float = 0.0
     t_max: float = 0.98
     huber_c: float = 1e-3
@@ -43,11 +47,11 @@ class ConsistencyConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.delta <= 1.0:
             raise ValueError(f"ConsistencyConfig.delta={self.delta} must lie in (0, 1]")
-        if not 0.0 <= self.t_min <= self.t_max or self.t_max + self.delta > 1.0 + 1e-9:
-            raise ValueError(
-                f"ConsistencyConfig needs 0 <= t_min <= t_max and t_max + delta <= 1 (t' must stay <= 1), "
-                f"got t_min={self.t_min}, t_max={self.t_max}, delta={self.delta}"
-            )
+        if not 0.0 <= self.t_min <= self.t_max < 1.0:
+            raise ValueError(f"ConsistencyConfig needs 0 <= t_min <= t_max < 1 (t' = min(t + delta, 1) > t), "
+                             f"got t_min={self.t_min}, t_max={self.t_max}")
+        if self.solver_steps < 1:
+            raise ValueError(f"ConsistencyConfig.solver_steps={self.solver_steps} must be >= 1")
         if self.huber_c <= 0:
             raise ValueError(f"ConsistencyConfig.huber_c={self.huber_c} must be > 0")
         if self.guidance_min > self.guidance_max:
@@ -67,6 +71,15 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
 def sample_guidance(n: int, generator: torch.Generator | None, low: float, high: float, device=None) -> Tensor:
     """(n,) guidance scales w ~ U[low, high] (a constant when low == high)."""
     return low + (high - low) * sample_uniform(n, generator, device=device)
+
+
+def teacher_solve(teacher_velocity: GuidedVelocityFn, x: Tensor, t: Tensor, t_end: Tensor, w: Tensor,
+                  steps: int) -> Tensor:
+    """The teacher's guided ODE from (x, t) to t_end in `steps` equal Euler steps per row (t, t_end: (N,))."""
+    h = ((t_end - t) / steps).to(x.dtype)
+    for i in range(steps):
+        x = x + h[:, None] * teacher_velocity(x, t + i * h, w)
+    return x
 
 
 def consistency_distillation_loss(
@@ -99,10 +112,11 @@ def consistency_distillation_loss(
     if guidance is not None:
         w = guidance.to(device=device, dtype=w.dtype).expand(n)
     x_t = interpolate(tokens.detach(), randn(tuple(tokens.shape), generator, like=tokens), t)
-    t_next = t + cfg.delta
+    t_next = (t + cfg.delta).clamp(max=1.0)
     with torch.no_grad():
-        x_next = x_t + cfg.delta * teacher_velocity(x_t, t, w)  # one teacher Euler step along the ODE
+        x_next = teacher_solve(teacher_velocity, x_t, t, t_next, w, cfg.solver_steps)
         f_target = consistency_function(x_next, t_next, target(x_next, t_next, cond.detach(), w))
+        f_target = torch.where((t_next >= 1.0)[:, None], x_next, f_target)  # f(x, 1) = x, exactly
     f_student = consistency_function(x_t, t, student(x_t, t, cond, w))
     per_token = pseudo_huber(f_student.float(), f_target.float(), cfg.huber_c).mean(dim=-1)
     loss = masked_mean(per_token, mask, normalizer)

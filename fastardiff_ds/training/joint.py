@@ -57,8 +57,8 @@ class JointStep:
         self.measure, self.updates = False, {}
         self.draft_layer = cfg.model.draft.entropy_layer % cfg.model.draft.num_layers
         t = cfg.train
-        self.cd = ConsistencyConfig(delta=t.cd_delta, t_max=1.0 - t.cd_delta, guidance_min=t.guidance_min,
-                                    guidance_max=t.guidance_max)
+        self.cd = ConsistencyConfig(delta=t.cd_delta, solver_steps=t.cd_solver_steps, t_max=max(0.98, 1.0 - t.cd_delta),
+                                    guidance_min=t.guidance_min, guidance_max=t.guidance_max)
         self.dmd = DMDConfig()
 
     # -- pieces ---------------------------------------------------------------------------------------------------

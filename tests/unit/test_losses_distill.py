@@ -129,7 +129,9 @@ def test_cd_gradients_only_reach_the_student_and_w_is_shared():
     consistency_distillation_loss(make("student"), make("target"), teacher, tokens, cond, None, config=cfg, guidance=fixed)
     assert torch.equal(seen["teacher"], fixed)
     with pytest.raises(ValueError, match="t_max"):
-        ConsistencyConfig(delta=0.1, t_max=0.95)
+        ConsistencyConfig(delta=0.1, t_max=1.0)
+    with pytest.raises(ValueError, match="solver_steps"):
+        ConsistencyConfig(solver_steps=0)
 
 
 def test_dmd_gradient_value_and_fixed_point():
@@ -233,3 +235,19 @@ def test_few_step_generator_backward_simulation():
         few_step_generate(student, torch.zeros(4, 1), torch.randn(4, 2), time_grid(4)[1:], None)
     with pytest.raises(ValueError, match="t_max"):
         DMDConfig(t_max=1.0)
+
+
+def test_cd_skip_to_the_end_with_a_multistep_teacher_solver():
+    """Δ = 1: every target is the teacher's ODE endpoint. Exact on a curved (Gaussian) flow once the solver has
+    enough steps; one Euler step across the whole interval is far off the trajectory."""
+    mu, s, n = torch.tensor([0.5, -1.0], dtype=torch.float64), 0.6, 512
+    data = mu + s * torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cond = torch.zeros(n, 1, dtype=torch.float64)
+    teacher = lambda x, t, w: gaussian_velocity(mu, s)(x, t)  # noqa: E731
+    exact = flow_map_head(lambda w: mu, s)
+    losses = {}
+    for steps in (1, 400):
+        cfg = ConsistencyConfig(delta=1.0, solver_steps=steps, t_max=0.9, guidance_min=1.0, guidance_max=1.0)
+        losses[steps], _ = consistency_distillation_loss(exact, exact, teacher, data, cond,
+                                                         torch.Generator().manual_seed(2), config=cfg)
+    assert losses[400].item() < 2e-3 * losses[1].item() and losses[1].item() > 1e-2
