@@ -34,6 +34,27 @@ def flops_per_token(cfg: Config, head_steps: int | None = None, cfg_mult: int = 
             "head_steps": K, "ar_params": count_params(ar), "head_params": count_params(head)}
 
 
+@torch.no_grad()
+def decode_seconds(ar, token_dim: int, prompt_len: int = 40, tokens: int = 64, repeats: int = 3) -> float:
+    """Median wall time of one single-token KV-cached decode at batch 1 (eager): a prompt of `prompt_len` ids, then
+    `tokens` image tokens one at a time, `repeats` times. The draft : target ratio of this is what speculation pays
+    per drafted token (issue 13 asks for <= 0.2 on the cost-matched preset)."""
+    w = ar.embed_tokens.weight
+    ids = torch.randint(4, ar.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(repeats):
+        cache = ar.new_cache(1, prompt_len + tokens + 1)
+        ar.prefill(ids.to(w.device), torch.ones_like(ids, device=w.device), cache)
+        x = torch.zeros(1, 1, token_dim, device=w.device, dtype=w.dtype)
+        for _ in range(tokens):
+            t0 = time.perf_counter()
+            ar.decode(x, cache)
+            if w.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 class SectionTimer:
     """Wall time spent inside the forwards of registered modules (outermost call only)."""
 

@@ -25,8 +25,8 @@ import torch
 import copy
 import dataclasses
 
-from fastardiff_ds.benchmark import (ModeResult, SectionTimer, flops_per_token, large_preset_split, markdown_table,
-                                     parse_variant, sum_stats, summarize)
+from fastardiff_ds.benchmark import (ModeResult, SectionTimer, decode_seconds, flops_per_token, large_preset_split,
+                                     markdown_table, parse_variant, sum_stats, summarize)
 from fastardiff_ds.cli import add_vae_arg, vae_overrides
 from fastardiff_ds.config import apply_overrides
 from fastardiff_ds.data.shapes import eval_prompts
@@ -95,9 +95,13 @@ def main(argv=None):
         results[label] = r
         print(f"{label}: {statistics_line(r)}", flush=True)
     cfg = bundle.cfg
+    decode = {"target_s": decode_seconds(bundle.target, cfg.model.image.token_dim)}
+    if bundle.draft is not None:
+        decode["draft_s"] = decode_seconds(bundle.draft, cfg.model.image.token_dim)
+        decode["draft_over_target"] = decode["draft_s"] / decode["target_s"]
     out = {"ckpt": a.ckpt, "preset": cfg.preset, "device": str(base.device), "threads": a.threads,
            "num_prompts": len(prompts), "batch_size": a.batch_size, "inference": vars(cfg.inference),
-           "tau": bundle.meta.get("tau"), "variants": {lb: {"mode": m, "overrides": o} for lb, m, o in rows if o},
+           "tau": bundle.meta.get("tau"), "decode_batch1_eager": decode, "variants": {lb: {"mode": m, "overrides": o} for lb, m, o in rows if o},
            "modes": summarize(results, len(prompts)), "skipped": skipped,
            "flops_per_token": {cfg.preset: flops_per_token(cfg), "nextstep-1-large": large_preset_split()}}
     text = json.dumps(out, indent=2, default=str)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fastardiff_ds.benchmark import ModeResult, flops_per_token, large_preset_split, summarize
 from fastardiff_ds.config import get_preset
@@ -97,3 +98,18 @@ def test_compile_rows_and_speedup_over_the_compiled_baseline():
     from fastardiff_ds.benchmark import markdown_table
 
     assert "| vs compiled baseline |" in markdown_table(out).splitlines()[0]
+
+
+def test_draft_decode_of_the_cost_matched_preset_is_a_fraction_of_the_target_decode():
+    """One KV-cached decode of the 1-layer draft vs the 8-layer target at batch 1 (random weights; timing ratio,
+    so only a loose bound is asserted: the measured figure is in the benchmark JSON)."""
+    from fastardiff_ds.benchmark import decode_seconds
+    from fastardiff_ds.models import build_draft, build_target
+
+    cfg = get_preset("tiny-bench")
+    torch.manual_seed(0)
+    target = build_target(cfg).eval()
+    draft = build_draft(cfg, target).eval()
+    t = decode_seconds(target, cfg.model.image.token_dim, tokens=16, repeats=2)
+    d = decode_seconds(draft, cfg.model.image.token_dim, tokens=16, repeats=2)
+    assert 0 < d < 0.6 * t
