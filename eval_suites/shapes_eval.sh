@@ -9,12 +9,12 @@
 #   bash eval_suites/shapes_eval.sh assets/tiny_teacher runs/eval/baseline_s1 baseline --seed 1
 #
 # Writes OUTDIR/images (GenEval layout), OUTDIR/{geneval,fid,clip}.json with plots. The reference renders and their
-# feature statistics are made once under ${SHAPES_REF:-runs/eval/shapes_ref} and ${SHAPES_STATS:-runs/eval/stats}.
+# feature statistics are made once under ${SHAPES_REF:-runs/eval/shapes_ref_n100} and ${SHAPES_STATS:-runs/eval/stats}.
 set -euo pipefail
 if [ $# -lt 3 ]; then sed -n 2,9p "$0"; exit 2; fi
 ckpt=$1; out=$2; mode=$3; shift 3
-ref=${SHAPES_REF:-runs/eval/shapes_ref}; stats=${SHAPES_STATS:-runs/eval/stats}
-[ -f "$ref/meta_data.json" ] || python -m eval_suites.shapes_reference --out "$ref" --n-per-category 40
+ref=${SHAPES_REF:-runs/eval/shapes_ref_n100}; stats=${SHAPES_STATS:-runs/eval/stats}
+[ -f "$ref/meta_data.json" ] || python -m eval_suites.shapes_reference --out "$ref" --n-per-category 100
 python -m eval_suites.geneval generate --metadata shapes --ckpt "$ckpt" --mode "$mode" --outdir "$out/images" \
     --limit "${SHAPES_LIMIT:-0}" --threads 1 "$@"
 python -m eval_suites.geneval score --images "$out/images" --detector shapes --out "$out/geneval.json"

@@ -88,3 +88,24 @@ def test_packed_checkpoint_loads_as_the_rounded_source(tmp_path):
         assert torch.equal(packed.target.state_dict()[name], p.half().float()), name
     with pytest.raises(FileNotFoundError, match="no config.json"):
         pack(tmp_path / "nothing", tmp_path / "out")
+    (tmp_path / "dst" / "stale.png").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        pack(tmp_path / "src", tmp_path / "dst")
+    pack(tmp_path / "src", tmp_path / "dst", meta={"trained_with": "x"}, overwrite=True)
+    assert not (tmp_path / "dst" / "stale.png").exists()
+    assert json.loads((tmp_path / "dst/meta.json").read_text())["trained_with"] == "x"
+
+
+def test_shapes_table_rows_and_noise(tmp_path):
+    from eval_suites.shapes_table import table
+
+    for name, overall, fid in (("a", 0.8, 100.0), ("b", 0.75, 120.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "geneval.json").write_text(json.dumps(
+            {"overall": overall, "tasks": {"single_object": 1.0}, "exact_count_per_task": {"single_object": 0.9},
+             "objects_per_image": 1.9, "n_images": 8}))
+        (tmp_path / name / "fid.json").write_text(json.dumps({"fid": fid}))
+    out = table([("A", str(tmp_path / "a")), ("B", str(tmp_path / "b"))], (str(tmp_path / "a"), str(tmp_path / "b")))
+    lines = out.splitlines()
+    assert lines[2].startswith("| A | 0.800 | 1.00 | - |") and "| 0.90 | 1.90 | 100 | - |" in lines[2]
+    assert lines[4].startswith("| noise") and "| 0.050 |" in lines[4] and "| 20 |" in lines[4]
