@@ -95,4 +95,5 @@ UNBOUNDED = frozenset({
     "inference.tau",  # an entropy threshold; -inf disables early stopping
 })
 # numeric keys whose range depends on other keys: checked by rules.py
-BY_RULE = frozenset({"model.draft.entropy_layer", "model.draft.shallow_layer"})  # layers of the draft
+BY_RULE = frozenset({"model.draft.entropy_layer", "model.draft.shallow_layer",  # layers of the draft
+                     "train.entropy_align_layer"})  # a layer of the target

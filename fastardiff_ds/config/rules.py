@@ -92,6 +92,20 @@ def check_networks(cfg: Any) -> None:
         if not -max(k, 2) <= layer < k:  # -2 (the default, "penultimate") is the only layer of a 1-layer draft
             _fail(f"model.draft.{name}={layer} is not a layer of the {k}-layer draft: use 0..{k - 1} "
                   f"(or -{k}..-1 from the end; model.draft.num_layers={k})")
+    align, L = cfg.train.entropy_align_layer, ar.num_layers
+    if align is not None and not -L <= align < L:
+        _fail(f"train.entropy_align_layer={align} is not a layer of the {L}-layer target: use 0..{L - 1} (or "
+              f"-{L}..-1 from the end), or none for the layer at the draft entropy layer's relative depth")
+
+
+def align_layer(cfg: Any) -> int:
+    """The target layer whose attention entropy the draft's entropy layer is aligned to (train.entropy_objective=
+    align): train.entropy_align_layer, else the same relative depth (draft layer i of k -> (i + 1) L / k - 1)."""
+    L, k = cfg.model.ar.num_layers, cfg.model.draft.num_layers
+    if cfg.train.entropy_align_layer is not None:
+        return cfg.train.entropy_align_layer % L
+    i = cfg.model.draft.entropy_layer % k
+    return max(round((i + 1) * L / k) - 1, 0)
 
 
 def check_text(cfg: Any) -> None:

@@ -177,6 +177,11 @@ class TrainConfig:
     cd_steps: int = 30  # stage 1 (consistency distillation) for steps < cd_steps, then stage 2 (DMD)
     target_ar: bool = False  # also train the target AR (through the student's distillation loss)
     lambda_ent: float = 1.0
+    # maximize: the paper's L_ent = -mean E (Eq. 5); align: mean (E_draft - E_target)^2 per row (beyond the paper),
+    # the target's entropy at train.entropy_align_layer (None: the target layer at the draft entropy layer's
+    # relative depth, draft layer i of k -> target layer (i + 1) L / k - 1)
+    entropy_objective: Literal["maximize", "align"] = "maximize"
+    entropy_align_layer: int | None = None
     alpha_kind: Literal["linear", "cosine", "step", "constant"] = "linear"  # linear: Eq. 8
     alpha0: float = 0.95
     alphaT: float = 0.05

@@ -13,7 +13,8 @@ from fastardiff_ds.losses.consistency import (
     pseudo_huber,
 )
 from fastardiff_ds.losses.dmd import DMDConfig, dmd_fake_score_loss, dmd_generator_loss, few_step_generate
-from fastardiff_ds.losses.entropy import EntropyStats, early_stop_threshold, entropy_loss, row_entropy
+from fastardiff_ds.losses.entropy import (EntropyStats, early_stop_threshold, entropy_alignment_loss, entropy_loss,
+                                         row_entropy)
 from fastardiff_ds.losses.flow_matching import (
     FlowMatchingBatch,
     FlowMatchingConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "few_step_generate",
     "EntropyStats",
     "early_stop_threshold",
+    "entropy_alignment_loss",
     "entropy_loss",
     "row_entropy",
     "FlowMatchingBatch",

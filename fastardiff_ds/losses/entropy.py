@@ -83,6 +83,31 @@ def entropy_loss(
     return loss, metrics, entropy.detach()[valid]
 
 
+def entropy_alignment_loss(
+    attn: Tensor,
+    target_entropy: Tensor,
+    key_mask: Tensor | None = None,
+    row_mask: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float], Tensor]:
+    """Entropy alignment (beyond the paper): mean_r (E_r − E*_r)², pulling each row's normalised attention entropy
+    toward the target's E*_r (B, R) at the corresponding layer, instead of maximising it. Same inputs and returns as
+    `entropy_loss` (metrics add "ent/gap" = mean |E_r − E*_r|); E* carries no gradient."""
+    entropy, valid = row_entropy(attn, key_mask)
+    if target_entropy.shape != valid.shape:
+        raise ValueError(f"target_entropy has shape {tuple(target_entropy.shape)}, expected (B, R) = "
+                         f"{tuple(valid.shape)}")
+    if row_mask is not None:
+        valid = valid & row_mask.to(device=valid.device, dtype=torch.bool)
+    diff = entropy - target_entropy.detach().to(entropy.device, torch.float32)
+    loss = masked_mean(diff.pow(2), valid, normalizer)
+    mean, std = masked_stats(entropy, valid)
+    gap, _ = masked_stats(diff.abs(), valid)
+    metrics = {"ent/loss": metric(loss), "ent/mean": mean, "ent/std": std, "ent/rows": float(valid.sum()),
+               "ent/gap": gap}
+    return loss, metrics, entropy.detach()[valid]
+
+
 def early_stop_threshold(entropies: Tensor | list[float], mean_coef: float = 0.3, std_coef: float = 0.1) -> float:
     """τ = 0.3·mean − 0.1·std of entropy values (Fast-ARDiff Eq. 10), population std (ddof 0)."""
     values = torch.as_tensor(entropies, dtype=torch.float64).reshape(-1)

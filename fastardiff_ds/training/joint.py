@@ -22,7 +22,8 @@ from .. import engines as E
 from ..config import Config
 from ..losses.consistency import ConsistencyConfig, consistency_distillation_loss
 from ..losses.dmd import DMDConfig, dmd_fake_score_loss, dmd_generator_loss, few_step_generate
-from ..losses.entropy import entropy_loss
+from ..config.rules import align_layer
+from ..losses.entropy import entropy_alignment_loss, entropy_loss
 from ..losses.regression import feature_regression_loss
 from ..schedules.alpha import AlphaSchedule, eq9_weights
 from ..schedules.timesteps import time_grid
@@ -56,6 +57,7 @@ class JointStep:
         eq9_weights(self.alpha(0), self.alpha_mode)  # refuses an unknown mode before the first step
         self.measure, self.updates = False, {}
         self.draft_layer = cfg.model.draft.entropy_layer % cfg.model.draft.num_layers
+        self.align_layer = align_layer(cfg) if cfg.train.entropy_objective == "align" else None
         t = cfg.train
         self.cd = ConsistencyConfig(delta=t.cd_delta, solver_steps=t.cd_solver_steps, t_max=max(0.98, 1.0 - t.cd_delta),
                                     guidance_min=t.guidance_min, guidance_max=t.guidance_max)
@@ -114,7 +116,11 @@ class JointStep:
         a = w.alpha
         uids = self.uncond_ids.expand(B, -1).to(ids.device)
         umask = self.uncond_mask.expand(B, -1).to(ids.device)
-        cond_t, hid_t = self.teacher("features", ids, mask, tokens)
+        if self.align_layer is None:
+            cond_t, hid_t = self.teacher("features", ids, mask, tokens)
+            ent_t = None
+        else:  # entropy alignment: the target's entropy rows come from the same teacher pass
+            cond_t, hid_t, ent_t = self.teacher("features_and_entropy", ids, mask, tokens, self.align_layer)
         cond_u, _ = self.teacher("features", uids, umask, tokens)
         if "target" in e:
             out = e["target"]("forward_train", ids, mask, tokens)
@@ -123,7 +129,7 @@ class JointStep:
             cond_s, hid_target = cond_t, hid_t
         metrics = {"alpha": a, "stage": 0.0 if stage == "cd" else 1.0}
         metrics.update({f"lr_scale/{n}": s for n, s in w.lr.items() if n in e})
-        metrics.update(self.ar_branch(ids, mask, tokens, hid_target, w.loss["ar"], step))
+        metrics.update(self.ar_branch(ids, mask, tokens, hid_target, w.loss["ar"], step, ent_t))
         C, D = cond_s.shape[-1], tokens.shape[-1]
         cond_in = cond_s.detach().reshape(-1, C).requires_grad_("target" in e)
         guided = self.teacher_velocity(cond_t.reshape(-1, C), cond_u.reshape(-1, C))
@@ -137,10 +143,14 @@ class JointStep:
             self._step("target")
         return {**metrics, **self.updates}
 
-    def ar_branch(self, ids, mask, tokens, hid_target, weight, step) -> dict:
+    def ar_branch(self, ids, mask, tokens, hid_target, weight, step, target_entropy=None) -> dict:
+        """L_reg + lambda_ent * (L_ent, or the entropy alignment loss when `target_entropy` (B,N) is given)."""
         out = self.engines["draft"]("forward_train", ids, mask, tokens, explicit_layer=self.draft_layer)
         l_reg, m_reg = feature_regression_loss(out.hidden, hid_target)
-        l_ent, m_ent, ents = entropy_loss(out.attn_probs, out.attn_valid)
+        if target_entropy is None:
+            l_ent, m_ent, ents = entropy_loss(out.attn_probs, out.attn_valid)
+        else:
+            l_ent, m_ent, ents = entropy_alignment_loss(out.attn_probs, target_entropy, out.attn_valid)
         loss = l_reg + self.cfg.train.lambda_ent * l_ent
         if self._check("L_reg + L_ent", loss, step):
             self.engines["draft"].backward(weight * loss)

@@ -39,6 +39,11 @@ class TeacherNet(nn.Module):
         out = self.ar.forward_train(input_ids, attention_mask, tokens)
         return out.cond, out.hidden
 
+    def features_and_entropy(self, input_ids, attention_mask, tokens, layer: int):
+        """(cond, hidden, entropy (B,N) of `layer`) from one teacher-forced pass."""
+        out = self.ar.forward_train(input_ids, attention_mask, tokens, explicit_layer=layer)
+        return out.cond, out.hidden, out.entropy
+
     def entropy(self, input_ids, attention_mask, tokens, layer: int):
         """Normalised attention entropy (B,N) of `layer` at the image-conditioning positions."""
         return self.ar.forward_train(input_ids, attention_mask, tokens, explicit_layer=layer).entropy

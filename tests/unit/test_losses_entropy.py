@@ -106,3 +106,22 @@ def test_entropy_stats_merge_matches_batch_threshold():
     assert restored.threshold() == merged.threshold()
     with pytest.raises(ValueError, match="empty"):
         EntropyStats().threshold()
+
+
+def test_entropy_alignment_loss_is_zero_at_the_target_and_its_gradient_points_there():
+    from fastardiff_ds.losses.entropy import entropy_alignment_loss, row_entropy
+
+    logits = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    causal = torch.ones(5, 5).tril().bool()
+    attn = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    ent, valid = row_entropy(attn, causal)
+    loss, m, rows = entropy_alignment_loss(attn, ent.detach(), causal)
+    assert loss.item() < 1e-12 and m["ent/gap"] < 1e-6 and rows.numel() == int(valid.sum())
+    lower = (ent.detach() - 0.2).clamp(min=0)
+    loss, m, _ = entropy_alignment_loss(attn, lower, causal)
+    loss.backward()
+    with torch.no_grad():  # a small step down the gradient lowers the entropy toward the (lower) target
+        stepped = (logits - 0.5 * logits.grad).masked_fill(~causal, float("-inf")).softmax(-1)
+    assert float(row_entropy(stepped, causal)[0][valid].mean()) < float(ent[valid].mean())
+    with pytest.raises(ValueError, match="target_entropy"):
+        entropy_alignment_loss(attn, lower[:, :3], causal)

@@ -80,3 +80,28 @@ def test_nonfinite_loss_stops_or_skips_with_a_named_loss(tiny_cfg, policy):
         step_fn(ids, mask, tokens, 0, torch.Generator().manual_seed(0))
         assert len(engines["draft"].ds.records) == 0
         assert all(torch.equal(v, engines["draft"].module.state_dict()[n]) for n, v in draft_before.items())
+
+
+def test_entropy_alignment_pulls_the_draft_entropy_toward_the_target(tiny_cfg):
+    """train.entropy_objective=align: the draft's entropy rows move toward the target's (at the layer of the same
+    relative depth), where the paper's L_ent drives them toward 1."""
+    from fastardiff_ds.config.rules import align_layer
+
+    gaps = {}
+    for objective in ("maximize", "align"):
+        cfg = copy.deepcopy(tiny_cfg)
+        cfg.train.entropy_objective, cfg.train.lambda_ent = objective, 50.0
+        cfg, step_fn, engines, teacher = _setup(cfg)
+        step_fn.cfg.train.cd_steps = step_fn.cfg.train.steps  # CD only: this test is about the draft
+        ids, mask, tokens = _batch(cfg)
+        layer = align_layer(cfg)
+        assert layer == 1  # draft layer 0 of 2 -> target layer round(1 * 3 / 2) - 1 of 3
+        target = teacher.module("entropy", ids, mask, tokens, layer)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(6):
+            m = step_fn(ids, mask, tokens, step, gen)
+        gaps[objective] = m
+        if objective == "align":
+            assert "ent/gap" in m and m["ent/loss"] >= 0
+            assert abs(m["ent/mean"] - float(target.mean())) < m["ent/gap"] + 1e-6
+    assert gaps["align"]["ent/mean"] < gaps["maximize"]["ent/mean"]
