@@ -165,7 +165,11 @@ def test_the_retired_guidance_embed_knob(tmp_path):
     assert resolve_config("tiny", config_file=str(tmp_path / "old.json")).model.head.width == 64
     from fastardiff_ds.models import build_head, load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[2] / "assets" / "tiny_teacher")  # written with the knob
+    old = json.loads((Path(__file__).resolve().parents[2] / "assets" / "tiny_teacher" / "config.json").read_text())
+    old["model"]["head"]["guidance_embed"] = False  # a checkpoint written while the knob existed
+    (tmp_path / "old_ckpt").mkdir()
+    (tmp_path / "old_ckpt" / "config.json").write_text(json.dumps(old))
+    cfg = load_config(tmp_path / "old_ckpt")
     assert build_head(cfg).guidance_embed is None and build_head(cfg, student=True).guidance_embed is not None
 
 

@@ -200,7 +200,7 @@ def test_tokenizer_must_give_the_trained_special_ids(official):
 
 def test_own_exports_keep_loading(tmp_path):
     bundled = load_pretrained(ROOT / "assets" / "tiny_teacher")
-    assert folder_kind(ROOT / "assets" / "tiny_teacher")[0] == "ours" and bundled.cfg.preset == "tiny"
+    assert folder_kind(ROOT / "assets" / "tiny_teacher")[0] == "ours" and bundled.cfg.preset == "tiny-bench"
     save_pretrained(tmp_path / "ex", bundled.cfg, bundled.target, bundled.head, meta={"tau": 0.3})
     again = load_pretrained(tmp_path / "ex", overrides=["inference.cfg_scale=3"])
     for a, b in zip(bundled.target.state_dict().values(), again.target.state_dict().values()):
