@@ -78,7 +78,10 @@ def tiny_bench() -> Config:
     head steps) of about 63 : 37 as in nextstep-1-large, and a draft of 1/8 of the target's depth (1 of 8 layers;
     NextStep-1's is 6 of 48). Its pretraining recipe is the bundled teacher's (assets/tiny_teacher/meta.json):
 
-        python launcher/pretrain_t2i.py --preset tiny-bench run_dir=runs/teacher --threads 2
+        python launcher/pretrain_t2i.py --preset tiny-bench --threads 2 --ds_config ds_configs/zero2.json \
+            run_dir=runs/teacher      # 3600 steps, ~83 min on 2 CPU threads; then the distillation (README):
+        python launcher/train_t2i.py --preset tiny-bench --ds_config ds_configs/zero2.json run_dir=runs/j_full \
+            train.teacher=runs/teacher/checkpoint data.batch_size=16
     """
     cfg = Config(preset="tiny-bench")
     cfg.model.ar = ARConfig(hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=1024)
