@@ -90,7 +90,7 @@ def tiny_bench() -> Config:
     p = cfg.pretrain
     p.steps, p.lr, p.warmup_steps, p.batch_mul, p.input_noise, p.sample_every = 3600, 5e-4, 200, 8, 0.05, 1200
     cfg.inference.cfg_scale = 3.0  # the teacher's best of 3 / 5 / 7.5 on shapes-GenEval, FID and CLIP (README)
-    # the shipped distillation (assets/tiny_distilled): CD onto the teacher's ODE endpoint (8 Euler steps), then DMD
+    # the distillation shipped in assets/tiny_teacher: CD onto the teacher's ODE endpoint (8 Euler steps), then DMD
     t = cfg.train
     t.teacher, t.steps, t.cd_steps, t.gen_every, t.dmd_guidance = "assets/tiny_teacher", 400, 150, 3, 3.0
     t.cd_delta, t.cd_solver_steps = 1.0, 8
