@@ -43,7 +43,8 @@ def test_the_tree_has_optional_fields():
 
 @pytest.mark.parametrize("key,inner", OPTIONAL, ids=[k for k, _ in OPTIONAL])
 def test_every_optional_field_parses(key, inner):
-    text, want = {"data.resolution": ("32", 32)}.get(key, SAMPLES[inner])  # must equal model.image.resolution
+    # data.resolution must equal model.image.resolution; train.entropy_align_layer must be a layer of the target
+    text, want = {"data.resolution": ("32", 32), "train.entropy_align_layer": ("2", 2)}.get(key, SAMPLES[inner])
     cfg = apply_overrides(get_preset("tiny"), [f"{key}={text}"])
     section, leaf = key.rsplit(".", 1) if "." in key else ("", key)
     obj = cfg
