@@ -115,8 +115,11 @@ def consistency_distillation_loss(
     t_next = (t + cfg.delta).clamp(max=1.0)
     with torch.no_grad():
         x_next = teacher_solve(teacher_velocity, x_t, t, t_next, w, cfg.solver_steps)
-        f_target = consistency_function(x_next, t_next, target(x_next, t_next, cond.detach(), w))
-        f_target = torch.where((t_next >= 1.0)[:, None], x_next, f_target)  # f(x, 1) = x, exactly
+        if cfg.t_min + cfg.delta >= 1.0:  # every row reaches t' = 1, where f(x, 1) = x: no target network call
+            f_target = x_next
+        else:
+            f_target = consistency_function(x_next, t_next, target(x_next, t_next, cond.detach(), w))
+            f_target = torch.where((t_next >= 1.0)[:, None], x_next, f_target)  # f(x, 1) = x, exactly
     f_student = consistency_function(x_t, t, student(x_t, t, cond, w))
     per_token = pseudo_huber(f_student.float(), f_target.float(), cfg.huber_c).mean(dim=-1)
     loss = masked_mean(per_token, mask, normalizer)
