@@ -42,13 +42,16 @@ def decode_seconds(ar, token_dim: int, prompt_len: int = 40, tokens: int = 64, r
     w = ar.embed_tokens.weight
     ids = torch.randint(4, ar.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     times = []
+    H = w.shape[1]
+    feats = (lambda T: {"feats": torch.zeros(1, T, H, device=w.device, dtype=w.dtype)}) \
+        if getattr(ar, "reads_features", False) else (lambda T: {})  # a feature-level draft's extra input
     for _ in range(repeats):
         cache = ar.new_cache(1, prompt_len + tokens + 1)
-        ar.prefill(ids.to(w.device), torch.ones_like(ids, device=w.device), cache)
+        ar.prefill(ids.to(w.device), torch.ones_like(ids, device=w.device), cache, **feats(prompt_len))
         x = torch.zeros(1, 1, token_dim, device=w.device, dtype=w.dtype)
         for _ in range(tokens):
             t0 = time.perf_counter()
-            ar.decode(x, cache)
+            ar.decode(x, cache, **feats(1))
             if w.is_cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

@@ -97,6 +97,9 @@ class DraftConfig:
     entropy_layer: int = -2  # layer whose attention entropy is trained (penultimate; negative = from the end)
     shallow_layer: int = 0  # layer whose entropy drives early stopping at inference (Eq. 10)
     train_embeddings: bool = False
+    # truncated: the paper's draft (the target's first layers); eagle: also reads the target's hidden state of the
+    # previous position, fused with the token's embedding (EAGLE's feature-level drafting, beyond the paper)
+    kind: Literal["truncated", "eagle"] = "truncated"
 
 
 @dataclass

@@ -92,12 +92,13 @@ class _Compiled:
         return self.fn(*args)
 
 
-def _decode(ar, tokens: torch.Tensor, cache, explicit_layer: int | None):
-    """T image tokens (B,T,D) appended at each row's length of a static cache -> (cond, hidden, entropy | None)."""
+def _decode(ar, tokens: torch.Tensor, cache, explicit_layer: int | None, feats: torch.Tensor | None = None):
+    """T image tokens (B,T,D) appended at each row's length of a static cache -> (cond, hidden, entropy | None).
+    feats (B,T,H): a feature-level draft's inputs."""
     T = tokens.shape[1]
     slots = cache.lengths[:, None] + torch.arange(T, device=tokens.device)[None]
     pos = Positions(slots, slots - cache.start[:, None], cache.start)
-    embeds = ar.image_in_projector(tokens.to(ar.image_in_projector.weight.dtype))
+    embeds = ar.fuse(ar.image_in_projector(tokens.to(ar.image_in_projector.weight.dtype)), feats)
     out = Qwen2Backbone.forward(ar, embeds, pos, cache, (), explicit_layer)  # not ar(...): no module hooks inside
     ent = row_entropy(out["attn_probs"], out["attn_valid"]) if out["attn_probs"] is not None else None
     return ar.image_out_projector(out["hidden"]), out["hidden"], ent
@@ -124,11 +125,11 @@ class CompiledAR:
     def prefill(self, input_ids, attention_mask, cache, **kw) -> ARStep:
         return self.ar.prefill(input_ids, attention_mask, cache, **kw)
 
-    def decode(self, tokens: torch.Tensor, cache, explicit_layer: int | None = None) -> ARStep:
+    def decode(self, tokens: torch.Tensor, cache, explicit_layer: int | None = None, feats=None) -> ARStep:
         cache.slots(tokens.shape[1])  # overflow check on the host, outside the graph
         layer = explicit_layer if explicit_layer is not None else self.ar.explicit_layer
         with _section(self.timer, "ar"):
-            cond, hidden, ent = self._decode(self.ar, tokens, cache, layer)
+            cond, hidden, ent = self._decode(self.ar, tokens, cache, layer, feats)
         cache.advance(tokens.shape[1])
         return ARStep(cond, hidden, ent)
 

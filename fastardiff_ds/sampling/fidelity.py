@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .acceptance import cspd_log_ratio, exact_log_ratio
+from ..models.ar import draft_features
 from .common import ARFlow, prompt_rows
 from .flow import sample_tokens
 from .guidance import HeadCounter, VelocityField, guidance_scale
@@ -32,18 +33,40 @@ class FidelityPoint:
         return {r: (gamma + 1.0 if a >= 1.0 else (1.0 - a ** (gamma + 1)) / (1.0 - a)) for r, a in self.alpha.items()}
 
 
-def teacher_forced_conditions(flow: ARFlow, ids: torch.Tensor, mask: torch.Tensor,
-                              tokens: torch.Tensor) -> torch.Tensor:
-    """Conditions (B*m, N, C) of N committed tokens (B,N,D): token 0's from the prompt, token i's after token i-1."""
+def teacher_forced_conditions(flow: ARFlow, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor,
+                              target: ARFlow | None = None) -> torch.Tensor:
+    """Conditions (B*m, N, C) of N committed tokens (B,N,D): token 0's from the prompt, token i's after token i-1.
+    A feature-level draft reads the `target`'s hidden states of the same prefixes (as at the first drafted token
+    of a round; deeper drafts read the draft's own, so this is its best case)."""
+    return _teacher_forced(flow, ids, mask, tokens, target)[0]
+
+
+def _teacher_forced(flow, ids, mask, tokens, target=None, explicit_layer=None):
+    """A KV-cached pass over prompt + tokens[:-1], as inference reads them: (conditions (B*m,N,C), hidden states
+    (B*m,P+N-1,H), entropy (B*m,N) of `explicit_layer` (default: the AR's own, a draft's shallow layer) or None)."""
     B, N, _ = tokens.shape
     m = flow.cfg.batch_mult
     ids, mask = prompt_rows(ids, mask, B, m)
+    kw = {} if explicit_layer is None else {"explicit_layer": explicit_layer}
+    feats = None
+    if getattr(flow.ar, "reads_features", False):
+        if target is None:
+            raise ValueError("a feature-level draft (model.draft.kind=eagle) reads the target's hidden states: "
+                             "pass the target flow")
+        hid = _teacher_forced(target, ids, mask, tokens)[1][: B * m]
+        valid = torch.cat([mask, mask.new_ones(B * m, N - 1)], 1).bool()
+        feats = draft_features(hid, valid)
     cache = flow.ar.new_cache(B * m, ids.shape[1] + N)
-    first = flow.ar.prefill(ids, mask, cache).cond[:, -1:]
+    P = ids.shape[1]
+    first = flow.ar.prefill(ids, mask, cache, **kw, **({} if feats is None else {"feats": feats[:, :P]}))
+    ent = lambda *steps: None if steps[0].entropy is None else torch.cat([s.entropy for s in steps], 1)  # noqa: E731
     if N == 1:
-        return first
-    rest = flow.ar.decode(torch.cat([tokens[:, :-1]] * m), cache).cond
-    return torch.cat([first, rest], 1)
+        return first.cond[:, -1:], first.hidden, ent(first)[:, -1:] if first.entropy is not None else None
+    rest = flow.ar.decode(torch.cat([tokens[:, :-1]] * m), cache, **kw,
+                          **({} if feats is None else {"feats": feats[:, P:]}))
+    e = ent(first, rest)
+    return (torch.cat([first.cond[:, -1:], rest.cond], 1), torch.cat([first.hidden, rest.hidden], 1),
+            None if e is None else e[:, P - 1:])
 
 
 def _field(flow: ARFlow, cond: torch.Tensor, B: int, N: int, dtype) -> VelocityField:
@@ -66,7 +89,7 @@ def acceptance_vs_fidelity(target: ARFlow, draft: ARFlow, ids: torch.Tensor, mas
     B, N, D = tokens.shape
     dtype = torch.float32
     z_p = teacher_forced_conditions(target, ids, mask, tokens).to(dtype)
-    z_q = teacher_forced_conditions(draft, ids, mask, tokens).to(dtype)
+    z_q = teacher_forced_conditions(draft, ids, mask, tokens, target).to(dtype)
     p_field = _field(target, z_p, B, N, dtype)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(B * N, target.sampler.steps + 1, D, generator=gen, dtype=dtype).to(tokens.device)

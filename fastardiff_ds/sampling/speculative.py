@@ -17,6 +17,10 @@ entropy): that drop depends on x_i's value, which would make the drafted tokens'
 exactness. Here the entropy at x_i's position only decides whether x_{i+1} is drafted -- a function of the
 prefix, which keeps the output exactly target-distributed.
 
+A feature-level (EAGLE-style) draft also reads, with each token, the hidden state that conditioned it: the target's
+for committed tokens (from the prefill and the verification passes, kept in `_State.feat`), its own for the tokens
+it drafts. The draft is still a function of the prefix, so exactness is untouched.
+
 Cache bookkeeping: the target cache holds prompt + committed[:-1] (the newest token is fed with the drafts); the
 draft cache is rolled back to prompt + committed[:-2] and re-reads the 2-token window [committed[-2],
 committed[-1]], so a sample whose last draft was never read by the draft (all accepted) needs no extra pass.
@@ -31,6 +35,7 @@ import torch
 
 from .acceptance import cspd_log_ratio, cspd_residual_logs, exact_log_ratio, residual_accept_prob
 from .common import ARFlow, DecodeStats, GenerationResult, ar_rows, chain_dtype, make_field, prompt_rows, sample_rows
+from ..models.ar import draft_features
 from .draft_policy import POLICIES, DraftPolicy, choose_gamma, draft_cost_ratio
 from .flow import Trajectory as _Trajectory
 from .flow import gaussian_chain_logprob, require_density, trajectory_logprob, transition_stds
@@ -79,6 +84,13 @@ def check_pair(target: ARFlow, draft: ARFlow, spec: SpecConfig) -> None:
     if target.sampler.steps != draft.sampler.steps:
         raise ValueError(f"draft sampler has {draft.sampler.steps} steps, target {target.sampler.steps}: a "
                          "trajectory only has a density ratio between chains of the same length")
+    if _reads_features(draft) and draft.cfg.batch_mult > target.cfg.batch_mult:
+        raise ValueError("a feature-level draft (model.draft.kind=eagle) with two-pass CFG needs the target's "
+                         "unconditional hidden states: run the target with two-pass CFG too")
+
+
+def _reads_features(flow: ARFlow) -> bool:
+    return bool(getattr(flow.ar, "reads_features", False))
 
 
 @dataclass
@@ -104,6 +116,7 @@ class _State:
     accepted: torch.Tensor  # (B,) drafts accepted so far (the adaptive policy's evidence)
     drafted: torch.Tensor  # (B,) drafts verified so far
     first_round: bool = True
+    feat: torch.Tensor | None = None  # (B*m_d,N,H) feature-level draft: target hidden state that conditioned token i
 
 
 @dataclass
@@ -138,6 +151,11 @@ def _entropy_ok(ctx: _Ctx, step, B: int) -> torch.Tensor:
     return step.entropy[:B, -1] >= tau
 
 
+def _draft_rows(ctx: _Ctx, x: torch.Tensor) -> torch.Tensor:
+    """Target AR-batch rows (B*m_t, ...) -> the draft's (B*m_d, ...) (m_d <= m_t, `check_pair`)."""
+    return x[: x.shape[0] // ctx.target.cfg.batch_mult * ctx.draft.cfg.batch_mult]
+
+
 def _draft_window(ctx: _Ctx, st: _State):
     """Roll the draft back to prompt + committed[:-2] and read [committed[-2], committed[-1]]."""
     B, m = st.n.shape[0], ctx.draft.cfg.batch_mult
@@ -146,7 +164,10 @@ def _draft_window(ctx: _Ctx, st: _State):
     cols = st.n[:, None] - w + torch.arange(w, device=st.n.device)[None]
     st.dcache.rollback(ar_rows(st.d_base + st.n - w, m))
     ctx.stats.draft_forwards += 1
-    return ctx.draft.ar.decode(ar_rows(st.out[rows, cols], m), st.dcache)
+    kw = {}
+    if st.feat is not None:
+        kw["feats"] = st.feat[torch.arange(B * m, device=st.n.device)[:, None], ar_rows(cols, m)]
+    return ctx.draft.ar.decode(ar_rows(st.out[rows, cols], m), st.dcache, **kw)
 
 
 def _draft(ctx: _Ctx, st: _State, active: torch.Tensor, gmax: torch.Tensor) -> _Drafts:
@@ -172,7 +193,8 @@ def _draft(ctx: _Ctx, st: _State, active: torch.Tensor, gmax: torch.Tensor) -> _
             cont = drafting & (g < gmax)
             if not bool(cont.any()):
                 break
-            step = ctx.draft.ar.decode(ar_rows(ctx.draft.finalize(states[-1][:, None, -1]), m), st.dcache)
+            feats = {"feats": step.hidden[:, -1:]} if st.feat is not None else {}  # its own: conditioned the token
+            step = ctx.draft.ar.decode(ar_rows(ctx.draft.finalize(states[-1][:, None, -1]), m), st.dcache, **feats)
             ctx.stats.draft_forwards += 1
             ok = _entropy_ok(ctx, step, B)
             ctx.stats.early_stops += int((cont & ~ok).sum())
@@ -190,13 +212,13 @@ def _scatter(x: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
     return out
 
 
-def _verify(ctx: _Ctx, st: _State, dr: _Drafts) -> torch.Tensor:
-    """Step 2: the target reads [newest committed token, drafts] in one pass -> conditions (B*m_t, 1+G, C)."""
+def _verify(ctx: _Ctx, st: _State, dr: _Drafts):
+    """Step 2: the target reads [newest committed token, drafts] in one pass -> ARStep, cond (B*m_t, 1+G, C)."""
     B = st.n.shape[0]
     pending = st.out[torch.arange(B, device=st.n.device), st.n - 1][:, None]
     tokens = torch.cat([pending, ctx.target.finalize(dr.states[:, :, -1])], 1)
     ctx.stats.target_forwards += 1
-    return ctx.target.ar.decode(ar_rows(tokens, ctx.target.cfg.batch_mult), st.tcache).cond
+    return ctx.target.ar.decode(ar_rows(tokens, ctx.target.cfg.batch_mult), st.tcache)
 
 
 def _accept(ctx: _Ctx, st: _State, dr: _Drafts, tcond: torch.Tensor):
@@ -304,8 +326,15 @@ def _next_token(ctx: _Ctx, st: _State, dr: _Drafts, tcond, a, aux, active) -> to
     return y
 
 
-def _commit(ctx: _Ctx, st: _State, dr: _Drafts, a, y, active) -> None:
-    """Append accepted drafts and the target's token; roll the target cache back to prompt + committed[:-1]."""
+def _commit(ctx: _Ctx, st: _State, dr: _Drafts, a, y, active, t_hidden=None) -> None:
+    """Append accepted drafts and the target's token; roll the target cache back to prompt + committed[:-1].
+    t_hidden (B*m_t, 1+G, H): the verification pass's hidden states, kept for a feature-level draft."""
+    if st.feat is not None:  # position j of the pass conditioned committed token n + j, for j <= a
+        m = ctx.draft.cfg.batch_mult
+        hid = _draft_rows(ctx, t_hidden)
+        for j in range(hid.shape[1]):
+            rows = torch.nonzero(ar_rows(active & (j <= a), m)).flatten()
+            st.feat[rows, ar_rows(st.n, m)[rows] + j] = hid[rows, j].to(st.feat.dtype)
     drafts = ctx.target.finalize(dr.states[:, :, -1])
     for j in range(drafts.shape[1]):
         rows = torch.nonzero(active & (j < a)).flatten()
@@ -329,10 +358,11 @@ def _round(ctx: _Ctx, st: _State) -> None:
     gmax = torch.clamp(torch.minimum(chosen, ctx.num_tokens - st.n - 1), min=0)
     gmax = torch.where(active, gmax, torch.zeros_like(gmax))
     dr = _draft(ctx, st, active, gmax)
-    tcond = _verify(ctx, st, dr)
+    tstep = _verify(ctx, st, dr)
+    tcond = tstep.cond
     a, aux = _accept(ctx, st, dr, tcond)
     y = _next_token(ctx, st, dr, tcond, a, aux, active)
-    _commit(ctx, st, dr, a, y, active)
+    _commit(ctx, st, dr, a, y, active, tstep.hidden)
     ctx.stats.rounds += 1
 
 
@@ -342,19 +372,26 @@ def _start(ctx: _Ctx, ids, mask) -> _State:
     max_len = ids.shape[1] + N + ctx.spec.gamma + 2
     t_ids, t_mask = prompt_rows(ids, mask, B, ctx.target.cfg.batch_mult)
     tcache = ctx.target.ar.new_cache(t_ids.shape[0], max_len)
-    tcond = ctx.target.ar.prefill(t_ids, t_mask, tcache).cond[:, -1:]  # (B*m_t, 1, C)
+    tstep = ctx.target.ar.prefill(t_ids, t_mask, tcache)
+    tcond = tstep.cond[:, -1:]  # (B*m_t, 1, C)
     ctx.stats.target_forwards += 1
     ctx.dtype = chain_dtype(tcond)
-    dcache = None
+    dcache = feat = None
     if ctx.spec.drafts:
         d_ids, d_mask = prompt_rows(ids, mask, B, ctx.draft.cfg.batch_mult)
         dcache = ctx.draft.ar.new_cache(d_ids.shape[0], max_len)
-        ctx.draft.ar.prefill(d_ids, d_mask, dcache)
+        kw = {}
+        if _reads_features(ctx.draft):  # the target's prompt states, shifted; then the one that conditions token 0
+            hid = _draft_rows(ctx, tstep.hidden)
+            kw["feats"] = draft_features(hid, d_mask.bool())
+            feat = torch.zeros(hid.shape[0], N, hid.shape[-1], device=dev, dtype=hid.dtype)
+            feat[:, 0] = hid[:, -1]
+        ctx.draft.ar.prefill(d_ids, d_mask, dcache, **kw)
         ctx.stats.draft_forwards += 1
     out = torch.zeros(B, N, ctx.target.token_dim, device=dev, dtype=ctx.dtype)
     zeros = lambda: torch.zeros(B, dtype=torch.long, device=dev)  # noqa: E731 -- one tensor per counter, no aliasing
     st = _State(out, zeros(), tcache, dcache, tcache.lengths[:B].clone(),
-                None if dcache is None else dcache.lengths[:B].clone(), zeros(), zeros())
+                None if dcache is None else dcache.lengths[:B].clone(), zeros(), zeros(), feat=feat)
     everyone = torch.ones(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
     _, traj = _bonus(ctx, st, tcond, torch.zeros(B, dtype=torch.long, device=dev), rows, everyone)

@@ -58,6 +58,7 @@ class JointStep:
         self.measure, self.updates = False, {}
         self.draft_layer = cfg.model.draft.entropy_layer % cfg.model.draft.num_layers
         self.align_layer = align_layer(cfg) if cfg.train.entropy_objective == "align" else None
+        self.eagle = cfg.model.draft.kind == "eagle"
         t = cfg.train
         self.cd = ConsistencyConfig(delta=t.cd_delta, solver_steps=t.cd_solver_steps, t_max=max(0.98, 1.0 - t.cd_delta),
                                     guidance_min=t.guidance_min, guidance_max=t.guidance_max)
@@ -116,11 +117,12 @@ class JointStep:
         a = w.alpha
         uids = self.uncond_ids.expand(B, -1).to(ids.device)
         umask = self.uncond_mask.expand(B, -1).to(ids.device)
-        if self.align_layer is None:
+        if self.align_layer is None and not self.eagle:
             cond_t, hid_t = self.teacher("features", ids, mask, tokens)
-            ent_t = None
-        else:  # entropy alignment: the target's entropy rows come from the same teacher pass
-            cond_t, hid_t, ent_t = self.teacher("features_and_entropy", ids, mask, tokens, self.align_layer)
+            ent_t = feats = None
+        else:  # the target's entropy rows (alignment) and a feature-level draft's inputs come from the same pass
+            cond_t, hid_t, ent_t, feats = self.teacher("features_and_entropy", ids, mask, tokens, self.align_layer,
+                                                       self.eagle)
         cond_u, _ = self.teacher("features", uids, umask, tokens)
         if "target" in e:
             out = e["target"]("forward_train", ids, mask, tokens)
@@ -129,7 +131,7 @@ class JointStep:
             cond_s, hid_target = cond_t, hid_t
         metrics = {"alpha": a, "stage": 0.0 if stage == "cd" else 1.0}
         metrics.update({f"lr_scale/{n}": s for n, s in w.lr.items() if n in e})
-        metrics.update(self.ar_branch(ids, mask, tokens, hid_target, w.loss["ar"], step, ent_t))
+        metrics.update(self.ar_branch(ids, mask, tokens, hid_target, w.loss["ar"], step, ent_t, feats))
         C, D = cond_s.shape[-1], tokens.shape[-1]
         cond_in = cond_s.detach().reshape(-1, C).requires_grad_("target" in e)
         guided = self.teacher_velocity(cond_t.reshape(-1, C), cond_u.reshape(-1, C))
@@ -143,9 +145,10 @@ class JointStep:
             self._step("target")
         return {**metrics, **self.updates}
 
-    def ar_branch(self, ids, mask, tokens, hid_target, weight, step, target_entropy=None) -> dict:
-        """L_reg + lambda_ent * (L_ent, or the entropy alignment loss when `target_entropy` (B,N) is given)."""
-        out = self.engines["draft"]("forward_train", ids, mask, tokens, explicit_layer=self.draft_layer)
+    def ar_branch(self, ids, mask, tokens, hid_target, weight, step, target_entropy=None, feats=None) -> dict:
+        """L_reg + lambda_ent * (L_ent, or the entropy alignment loss when `target_entropy` (B,N) is given).
+        feats: a feature-level draft's inputs (the teacher's hidden states, `draft_features`)."""
+        out = self.engines["draft"]("forward_train", ids, mask, tokens, explicit_layer=self.draft_layer, feats=feats)
         l_reg, m_reg = feature_regression_loss(out.hidden, hid_target)
         if target_entropy is None:
             l_ent, m_ent, ents = entropy_loss(out.attn_probs, out.attn_valid)

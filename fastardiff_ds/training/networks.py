@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import Config
 from ..models import DraftAR, FlowHead, TargetAR, build_head, build_target
-from ..models.ar import target_to_draft_state
+from ..models.ar import draft_features, target_to_draft_state
 
 
 class Dispatch(nn.Module):
@@ -39,10 +39,16 @@ class TeacherNet(nn.Module):
         out = self.ar.forward_train(input_ids, attention_mask, tokens)
         return out.cond, out.hidden
 
-    def features_and_entropy(self, input_ids, attention_mask, tokens, layer: int):
-        """(cond, hidden, entropy (B,N) of `layer`) from one teacher-forced pass."""
-        out = self.ar.forward_train(input_ids, attention_mask, tokens, explicit_layer=layer)
-        return out.cond, out.hidden, out.entropy
+    def features_and_entropy(self, input_ids, attention_mask, tokens, layer: int | None = None,
+                             draft_feats: bool = False):
+        """(cond, hidden, entropy (B,N) of `layer` or None, a feature-level draft's input (B,P+N-1,H) or None)
+        from one teacher-forced pass."""
+        out = self.ar.forward_train(input_ids, attention_mask, tokens, explicit_layer=layer, keep_seq=draft_feats)
+        feats = None
+        if draft_feats:
+            valid = torch.cat([attention_mask, attention_mask.new_ones(tokens.shape[0], tokens.shape[1] - 1)], 1)
+            feats = draft_features(out.seq_hidden, valid)
+        return out.cond, out.hidden, out.entropy, feats
 
     def entropy(self, input_ids, attention_mask, tokens, layer: int):
         """Normalised attention entropy (B,N) of `layer` at the image-conditioning positions."""
@@ -94,8 +100,7 @@ def init_networks(cfg: Config, teacher_state: dict[str, torch.Tensor]) -> dict[s
     if unexpected or any(not k.startswith("guidance_embed.") for k in missing):
         raise ValueError(f"student head init: unexpected {unexpected[:4]}, missing {missing[:4]}")
     fake.load_state_dict(head_state)
-    draft = DraftAR(cfg.model)
-    draft.load_state_dict(target_to_draft_state(ar_state, cfg.model.draft.num_layers))
+    draft = DraftAR(cfg.model).load_target_state(target_to_draft_state(ar_state, cfg.model.draft.num_layers))
     if not cfg.model.draft.train_embeddings:  # 778M frozen params at 14B scale: the draft reuses the target's
         draft.embed_tokens.requires_grad_(False)
     draft.activation_checkpointing(cfg.train.activation_checkpointing)

@@ -139,9 +139,12 @@ class JointTask:
         """Eq. 10 on a fresh pass over the training data (tau.py): never fails the run; tau=-inf without data."""
         layer = self.cfg.model.draft.shallow_layer % self.cfg.model.draft.num_layers
 
+        eagle = self.cfg.model.draft.kind == "eagle"
+
         def entropy(batch):  # the shallow layer's entropy at the N image-conditioning rows, as inference reads it
             ids, mask, tokens = self.inputs(batch)
-            out = self.engines["draft"]("forward_train", ids, mask, tokens, explicit_layer=layer)
+            feats = self.teacher("features_and_entropy", ids, mask, tokens, None, True)[3] if eagle else None
+            out = self.engines["draft"]("forward_train", ids, mask, tokens, explicit_layer=layer, feats=feats)
             return out.entropy.float().cpu(), (out.attn_valid.sum(-1) >= 2).cpu()  # (B, N) each
 
         tau = measure_tau(entropy, collect_batches(loader, self.cfg.train.tau_batches), rt=self.rt)

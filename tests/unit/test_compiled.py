@@ -100,6 +100,20 @@ def test_every_mode_traced_equals_eager(tiny_cfg, mode):
     assert eager.stats.accepted == comp.stats.accepted and eager.stats.target_forwards == comp.stats.target_forwards
 
 
+@pytest.mark.parametrize("mode", ["sd", "fastardiff"])
+def test_eagle_draft_traced_equals_eager(tiny_cfg, mode):
+    """A feature-level draft's compiled decode reads the same target states as its eager one."""
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.draft.kind = "eagle"
+    bundle = _bundle(cfg)
+    with torch.no_grad():
+        bundle.draft.feature_fuse.weight.add_(0.02 * torch.randn_like(bundle.draft.feature_fuse.weight))
+    eager, comp = _tokens(bundle, mode), _tokens(bundle, mode, TRACE)
+    assert eager.stats.drafted > 0
+    assert torch.allclose(eager.tokens, comp.tokens, atol=1e-4)
+    assert eager.stats.accepted == comp.stats.accepted and eager.stats.target_forwards == comp.stats.target_forwards
+
+
 @pytest.mark.slow
 def test_every_mode_inductor(tiny_cfg):
     """Real kernels (inductor, C++ on CPU): same tokens as eager; a second run compiles nothing. baseline and

@@ -1,0 +1,184 @@
+"""The feature-level (EAGLE-style) draft: model.draft.kind=eagle.
+
+Its inputs are the token embedding plus the target's hidden state of the previous position. Checked here: it starts
+as the truncated draft, its KV-cached decode equals teacher forcing, speculative decoding hands it exactly the target
+states teacher forcing would (and its own for drafted tokens), batching and padding change nothing, the joint step
+trains its fuse from the teacher's states, and the export round-trips it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from _ds_like import Frozen, NoEMA, fake_engine
+from fastardiff_ds.config.schema import ARConfig, DraftConfig, HeadConfig, ImageConfig, ModelConfig
+from fastardiff_ds.models.ar import DraftAR, TargetAR, draft_features
+from fastardiff_ds.models.flow_head import FlowHead
+from fastardiff_ds.sampling import speculative as sp
+from fastardiff_ds.sampling.common import ARFlow, DecodeStats
+from fastardiff_ds.sampling.flow import SamplerConfig
+from fastardiff_ds.sampling.guidance import CFGConfig
+from fastardiff_ds.sampling.noise import make_generators
+
+SAMPLER = SamplerConfig(kind="sde", num_steps=3, noise_level=1.0)
+
+
+def _cfg(kind="eagle"):
+    return ModelConfig(ar=ARConfig(hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                                   vocab_size=40, max_position_embeddings=128),
+                       head=HeadConfig(width=32, depth=2), image=ImageConfig(resolution=8, patch_size=2, channels=1),
+                       draft=DraftConfig(num_layers=1, shallow_layer=0, kind=kind))
+
+
+def build(randomise_fuse=True):
+    torch.manual_seed(0)
+    cfg = _cfg()
+    target = TargetAR(cfg).double().eval()
+    draft = DraftAR.from_target(target, cfg).double().eval()
+    if randomise_fuse:  # a trained fuse: the features really enter
+        with torch.no_grad():
+            draft.feature_fuse.weight.add_(0.02 * torch.randn_like(draft.feature_fuse.weight))
+    head = FlowHead(cfg.head, cfg.image.token_dim, cfg.ar.hidden_size).double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, 0.3)
+    mode = CFGConfig(scale=2.0)
+    return cfg, ARFlow(target, head, SAMPLER, mode), ARFlow(draft, head, SAMPLER, mode)
+
+
+def prompts(B=3, T=5):
+    ids = torch.randint(1, 40, (2 * B, T), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    for b in range(B):
+        mask[b, :b], ids[b, :b] = 0, 0  # sample b has b pads on the left
+    ids[B:, :-1], mask[B:, :-1] = 0, 0  # unconditional prompt: a single token
+    return ids, mask
+
+
+def _target_states(target: TargetAR, ids, mask, tokens):
+    """Hidden states of every position of prompt + tokens[:-1], teacher forced."""
+    return target.forward_train(ids, mask, tokens, keep_seq=True).seq_hidden
+
+
+def _valid(mask, N):
+    return torch.cat([mask, mask.new_ones(mask.shape[0], N - 1)], 1).bool()
+
+
+def test_eagle_draft_starts_as_the_truncated_draft():
+    torch.manual_seed(0)
+    cfg = _cfg()
+    target = TargetAR(cfg).eval()
+    eagle = DraftAR.from_target(target, cfg).eval()
+    truncated = DraftAR.from_target(target, dataclasses.replace(cfg, draft=DraftConfig(num_layers=1))).eval()
+    ids, mask = torch.randint(1, 40, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    tokens = torch.randn(2, 6, cfg.image.token_dim)
+    feats = torch.randn(2, 10, cfg.ar.hidden_size)
+    got = eagle.forward_train(ids, mask, tokens, feats=feats).hidden
+    assert torch.allclose(got, truncated.forward_train(ids, mask, tokens).hidden, atol=1e-6)
+    assert set(eagle.state_dict()) - set(truncated.state_dict()) == {"feature_fuse.weight", "feature_fuse.bias"}
+
+
+def test_eagle_draft_names_missing_features():
+    _, _, draft = build()
+    ids, mask = prompts()
+    with pytest.raises(ValueError, match="model.draft.kind=eagle"):
+        draft.ar.forward_train(ids, mask, torch.randn(6, 4, 4, dtype=torch.float64))
+
+
+def test_eagle_decode_equals_teacher_forcing():
+    cfg, target, draft = build()
+    ids, mask = prompts()
+    tokens = torch.randn(6, 5, cfg.image.token_dim, dtype=torch.float64)
+    feats = draft_features(_target_states(target.ar, ids, mask, tokens), _valid(mask, 5))
+    full = draft.ar.forward_train(ids, mask, tokens, feats=feats).cond
+    cache = draft.ar.new_cache(6, 16)
+    P = ids.shape[1]
+    first = draft.ar.prefill(ids, mask, cache, feats=feats[:, :P]).cond[:, -1:]
+    rest = draft.ar.decode(tokens[:, :-1], cache, feats=feats[:, P:]).cond
+    # the norms compute in float32 (Qwen2's RMSNorm): the fuse's ~1e-15 shape-dependent rounding can flip a float32 ulp
+    assert torch.allclose(torch.cat([first, rest], 1), full, atol=1e-6)
+
+
+def test_speculative_gives_the_draft_the_target_states_of_committed_tokens():
+    cfg, target, draft = build()
+    ids, mask = prompts()
+    B, N = 3, 12
+    ctx = sp._Ctx(target, draft, sp.SpecConfig(gamma=3, tau=-float("inf")), make_generators([4, 5, 6]), N,
+                  torch.float64, DecodeStats())
+    with torch.no_grad():
+        st = sp._start(ctx, ids, mask)
+        for _ in range(3):
+            sp._round(ctx, st)
+        assert len(set(st.n.tolist())) > 1 and ctx.stats.accepted > 0
+        tokens = st.out.repeat(2, 1, 1)  # both CFG rows read the same tokens
+        want = target.ar.forward_train(ids, mask, tokens).hidden  # (2B, N, H): state that conditioned token i
+    for r in range(2 * B):
+        n = int(st.n[r % B])
+        assert torch.allclose(st.feat[r, :n], want[r, :n], atol=1e-9), r
+
+
+def test_eagle_batched_equals_per_sample():
+    _, target, draft = build()
+    ids, mask = prompts()
+    spec = sp.SpecConfig(gamma=3, tau=0.3)
+    with torch.no_grad():
+        batched = sp.speculative_generate(target, draft, ids, mask, 7, make_generators([1, 2, 3]), spec)
+    assert batched.stats.drafted > 0
+    for b in range(3):
+        T0 = int(mask[b].eq(0).sum())
+        one = sp.speculative_generate(target, draft, ids[[b, 3 + b], T0:], mask[[b, 3 + b], T0:], 7,
+                                      make_generators([b + 1]), spec)
+        assert torch.allclose(one.tokens[0], batched.tokens[b], atol=1e-8), b
+
+
+def test_eagle_draft_needs_the_targets_unconditional_rows():
+    _, target, draft = build()
+    target = dataclasses.replace(target, cfg=CFGConfig(mode="none"))
+    with pytest.raises(ValueError, match="unconditional hidden states"):
+        sp.check_pair(target, draft, sp.SpecConfig(gamma=2))
+
+
+def test_joint_step_trains_the_fuse_from_teacher_states(tiny_cfg):
+    from fastardiff_ds.models import build_head, build_target, nextstep_state
+    from fastardiff_ds.training.joint import JointStep
+    from fastardiff_ds.training.networks import Dispatch, TeacherNet, init_networks
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.draft.kind = "eagle"
+    cfg.train.steps, cfg.train.cd_steps = 4, 4
+    torch.manual_seed(0)
+    target, head = build_target(cfg), build_head(cfg)
+    nets = init_networks(cfg, nextstep_state(target, head))
+    teacher = Frozen(Dispatch(TeacherNet(target, head)).eval())
+    engines = {k: fake_engine(k, v, lr=3e-3) for k, v in nets.items()}
+    fuse = nets["draft"].inner.feature_fuse.weight
+    H = cfg.model.ar.hidden_size
+    assert torch.equal(fuse[:, H:], torch.zeros(H, H))
+    step = JointStep(cfg, engines, teacher, NoEMA(), copy.deepcopy(nets["student"]).requires_grad_(False),
+                     (torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long)))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 300, (2, 6), generator=g)
+    tokens = torch.randn(2, cfg.model.image.num_tokens, cfg.model.image.token_dim, generator=g).clamp(-1, 1)
+    losses = [step(ids, torch.ones_like(ids), tokens, k, torch.Generator().manual_seed(k))["reg/loss"]
+              for k in range(4)]
+    assert fuse[:, H:].abs().sum() > 0  # the feature half learned from the teacher's states
+    assert losses[-1] < losses[0]
+
+
+def test_export_round_trips_the_eagle_draft(tmp_path, tiny_cfg):
+    from fastardiff_ds.models import build_draft, build_head, build_target, load_pretrained, save_pretrained
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.draft.kind = "eagle"
+    torch.manual_seed(0)
+    target, head = build_target(cfg), build_head(cfg)
+    draft = build_draft(cfg, target)
+    with torch.no_grad():
+        draft.feature_fuse.weight.normal_()
+    save_pretrained(tmp_path / "ckpt", cfg, target, head, draft=draft)
+    bundle = load_pretrained(tmp_path / "ckpt")
+    assert bundle.draft.reads_features and bundle.cfg.model.draft.kind == "eagle"
+    assert torch.equal(bundle.draft.feature_fuse.weight, draft.feature_fuse.weight)
