@@ -82,7 +82,7 @@ def plot(results: list[tuple[str, object, dict]], path: Path) -> None:
         for name, s in info["taus"].items():
             if abs(s["tau"]) != float("inf"):
                 ax.axvline(s["tau"], ls="--", lw=1, color="k" if name == "eq10" else "r")
-        ax.set_title(f"{label}: entropy, overlap {info['histogram_overlap']:.2f}")
+        ax.set_title(f"{label}: entropy (overlap {info['histogram_overlap']:.2f})", fontsize=9)
         ax.set_xlabel("normalised attention entropy")
         ax.legend(fontsize=8)
         ax = axes[row, 1]
@@ -93,7 +93,7 @@ def plot(results: list[tuple[str, object, dict]], path: Path) -> None:
         ys = [float(a[idx == k].mean()) for k in range(10) if bool((idx == k).any())]
         ax.plot(xs, ys, "o-")
         ax.axhline(info["cost"], ls=":", color="gray", label=f"draft cost c = {info['cost']:.2f}")
-        ax.set_title(f"{label}: acceptance vs draft entropy (Spearman {info['spearman_entropy_alpha']:.2f})")
+        ax.set_title(f"{label}: acceptance vs entropy (Spearman {info['spearman_entropy_alpha']:.2f})", fontsize=9)
         ax.set_xlabel("draft shallow-layer entropy (decile means)")
         ax.set_ylabel("acceptance probability")
         ax.legend(fontsize=8)

@@ -104,6 +104,9 @@ def load_config(ckpt_dir: str | Path, preset: str | None = None, overrides: list
     else:
         kind, data = folder_kind(ckpt)
         if kind == "ours":
+            draft = data.get("model", {}).get("draft")
+            if isinstance(draft, dict):  # folders written before model.draft.kind existed hold truncated drafts
+                draft.setdefault("kind", "truncated")
             cfg = reset_derived(update_from_dict(get_preset(data.get("preset", "tiny")), data))  # re-derived
         else:
             cfg = official_config(data, ckpt, preset)

@@ -41,16 +41,19 @@ def _args(setup, run_dir, *extra):
             f"data.shards={setup / 'shapes'}", f"run_dir={run_dir}", *COMMON, *extra]
 
 
-@pytest.mark.parametrize("group_size", [1, 2])
-def test_all_stages_run_and_shard(setup, tmp_path, group_size):
+@pytest.mark.parametrize("group_size,draft_kind", [(1, "truncated"), (2, "eagle")])
+def test_all_stages_run_and_shard(setup, tmp_path, group_size, draft_kind):
+    # the feature-level draft reads the partitioned teacher's hidden states: the same pass, under ZeRO-3
     res = run("launcher/train_t2i.py", _args(setup, tmp_path / "run", "train.steps=5", "train.save_every=5",
-                                             "train.target_ar=true", f"train.teacher_group_size={group_size}"))
+                                             "train.target_ar=true", f"train.teacher_group_size={group_size}",
+                                             f"model.draft.kind={draft_kind}"))
     assert res.returncode == 0, res.stdout[-5000:]
     report = next(json.loads(l) for l in res.stdout.splitlines() if l.startswith('{"fresh_run"'))["partitions"]
     from fastardiff_ds.config import get_preset
     from fastardiff_ds.models import DraftAR, build_head, build_target, count_params
 
     cfg = get_preset("tiny")
+    cfg.model.draft.kind = draft_kind
     full = {"target": count_params(build_target(cfg)), "draft": count_params(DraftAR(cfg.model)),
             "student": count_params(build_head(cfg, student=True)), "fake": count_params(build_head(cfg))}
     teacher_full = full["target"] + count_params(build_head(cfg))

@@ -182,3 +182,24 @@ def test_export_round_trips_the_eagle_draft(tmp_path, tiny_cfg):
     bundle = load_pretrained(tmp_path / "ckpt")
     assert bundle.draft.reads_features and bundle.cfg.model.draft.kind == "eagle"
     assert torch.equal(bundle.draft.feature_fuse.weight, draft.feature_fuse.weight)
+
+
+def test_folders_written_before_the_draft_kind_existed_load_truncated_drafts(tmp_path):
+    """A tiny-bench export from before model.draft.kind (no such key) holds a truncated draft, while the preset's
+    default is now the feature-level one."""
+    import json
+
+    from fastardiff_ds.config import get_preset
+    from fastardiff_ds.models import build_draft, build_head, build_target, load_pretrained, save_pretrained
+
+    cfg = get_preset("tiny-bench")
+    assert cfg.model.draft.kind == "eagle"
+    cfg.model.draft.kind = "truncated"
+    cfg.model.ar.num_layers, cfg.model.ar.hidden_size, cfg.model.ar.intermediate_size = 2, 64, 128
+    target = build_target(cfg)
+    save_pretrained(tmp_path / "old", cfg, target, build_head(cfg), draft=build_draft(cfg, target))
+    data = json.loads((tmp_path / "old" / "config.json").read_text())
+    del data["model"]["draft"]["kind"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(data))
+    bundle = load_pretrained(tmp_path / "old")
+    assert bundle.cfg.model.draft.kind == "truncated" and not bundle.draft.reads_features
