@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from _ds_like import Frozen, NoEMA, fake_engine
+from test_speculative_real_models import prompts  # 3 left-padded prompts + their unconditional rows
 from fastardiff_ds.config.schema import ARConfig, DraftConfig, HeadConfig, ImageConfig, ModelConfig
 from fastardiff_ds.models.ar import DraftAR, TargetAR, draft_features
 from fastardiff_ds.models.flow_head import FlowHead
@@ -47,15 +48,6 @@ def build(randomise_fuse=True):
             p.normal_(0.0, 0.3)
     mode = CFGConfig(scale=2.0)
     return cfg, ARFlow(target, head, SAMPLER, mode), ARFlow(draft, head, SAMPLER, mode)
-
-
-def prompts(B=3, T=5):
-    ids = torch.randint(1, 40, (2 * B, T), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    for b in range(B):
-        mask[b, :b], ids[b, :b] = 0, 0  # sample b has b pads on the left
-    ids[B:, :-1], mask[B:, :-1] = 0, 0  # unconditional prompt: a single token
-    return ids, mask
 
 
 def _target_states(target: TargetAR, ids, mask, tokens):
