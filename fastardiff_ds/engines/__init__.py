@@ -18,7 +18,7 @@
 from fastardiff_ds.engines.checkpoint import (capture_rng_state, latest_intact, load_checkpoint, resolve_resume,
                                               restore_rng_state, save_checkpoint, step_tag)
 from fastardiff_ds.engines.dist import (all_gather_object, all_reduce, barrier, comm_device, device, get_rank,
-                                        get_world_size, init_distributed, is_rank0, local_world_size)
+                                        get_world_size, init_distributed, is_rank0, local_world_size, shutdown)
 from fastardiff_ds.engines.ds_config import inference_ds_config, load_ds_config, train_ds_config
 from fastardiff_ds.engines.ema import EMA
 from fastardiff_ds.engines.engine import Engine, EngineSpec, build_engine, default_lr_lambda
@@ -33,5 +33,5 @@ __all__ = [
     "capture_rng_state", "default_lr_lambda", "device", "estimate_memory", "export_safetensors",
     "gathered_state_dict", "get_rank", "get_world_size", "inference_ds_config", "init_distributed", "is_rank0",
     "latest_intact", "load_checkpoint", "load_ds_config", "load_gathered_state_dict", "local_world_size", "nextstep_large_table",
-    "resolve_resume", "restore_rng_state", "save_checkpoint", "step_tag", "step_with_update_size", "train_ds_config",
+    "resolve_resume", "restore_rng_state", "save_checkpoint", "shutdown", "step_tag", "step_with_update_size", "train_ds_config",
 ]

@@ -107,6 +107,14 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def shutdown() -> None:
+    """Wait for every rank, then tear the default process group down (no-op without one). A process that exits
+    with the group alive leaves gloo's threads to static destruction, which can abort it after its work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # The collectives live on `runtime.Runtime` (one implementation, tensors moved to the communication device);
 # these module-level names stay for engines-internal callers and older scripts.
 

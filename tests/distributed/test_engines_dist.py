@@ -25,7 +25,7 @@ def run_ranks(fn, out_dir: Path, *args, world: int = WORLD, timeout_s: float = 3
     """Run ``fn(rank, world, port, out_dir, *args)`` on ``world`` spawned ranks; kill them on timeout."""
     from fastardiff_ds.engines.dist import free_port
 
-    ctx = mp.start_processes(fn, args=(world, free_port(), str(out_dir), *args), nprocs=world, join=False,
+    ctx = mp.start_processes(_closing, args=(fn, world, free_port(), str(out_dir), *args), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
@@ -37,6 +37,14 @@ def run_ranks(fn, out_dir: Path, *args, world: int = WORLD, timeout_s: float = 3
             if p.is_alive():
                 p.kill()
     return [torch.load(out_dir / f"rank_{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _closing(rank: int, fn, *args) -> None:
+    """Run a rank's worker, then tear its process group down, so no rank exits with gloo's threads alive."""
+    from fastardiff_ds.engines import shutdown
+
+    fn(rank, *args)
+    shutdown()
 
 
 def setup_rank(rank: int, world: int, port: int) -> None:
