@@ -44,13 +44,13 @@ class ARStep(Output):
     """What one AR call returns for its T input positions: cond (B,T,C) head condition for the token that follows
     each position; hidden (B,T,H) final-norm hidden states (the features the draft regresses); entropy (B,T)
     normalised entropy of the explicit layer; layer_hidden {k: (B,T,H)}; attn_probs (B,heads,T,K) with grad and
-    attn_valid (B,T,K), explicit layer only; seq_hidden (B,P+N-1,H) every position's hidden state (forward_train
-    with keep_seq=True: what a feature-level draft reads, after `draft_features`)."""
+    attn_valid (B,T,K), explicit layer only; draft_feats (B,P+N-1,H) what a feature-level draft reads at every
+    position of the same sequence (forward_train with draft_feats=True, `draft_features` of its hidden states)."""
 
     def __init__(self, cond, hidden, entropy=None, layer_hidden=None, attn_probs=None, attn_valid=None,
-                 seq_hidden=None):
+                 draft_feats=None):
         super().__init__(cond=cond, hidden=hidden, entropy=entropy, layer_hidden=layer_hidden or {},
-                         attn_probs=attn_probs, attn_valid=attn_valid, seq_hidden=seq_hidden)
+                         attn_probs=attn_probs, attn_valid=attn_valid, draft_feats=draft_feats)
 
 
 class ARModel(Qwen2Backbone):
@@ -108,10 +108,10 @@ class ARModel(Qwen2Backbone):
         return step
 
     def forward_train(self, input_ids, attention_mask, image_tokens, return_layers=(), explicit_layer=None,
-                      feats=None, keep_seq=False) -> ARStep:
+                      feats=None, draft_feats=False) -> ARStep:
         """Teacher forcing. input_ids/mask: (B,P) prompt ending in <boi>; image_tokens: (B,N,D).
-        Returns ARStep over the N positions whose outputs condition tokens 0..N-1 (and, keep_seq, the hidden states
-        of all P+N-1 positions). feats (B,P+N-1,H): a feature-level draft's input (`draft_features`)."""
+        Returns ARStep over the N positions whose outputs condition tokens 0..N-1 (and, draft_feats=True, what a
+        feature-level draft reads at all P+N-1 positions). feats (B,P+N-1,H): such a draft's input."""
         N = image_tokens.shape[1]
         emb = torch.cat([self.embed_tokens(input_ids),
                          self.image_in_projector(image_tokens[:, : N - 1].to(self.image_in_projector.weight.dtype))], 1)
@@ -121,7 +121,7 @@ class ARModel(Qwen2Backbone):
         probs = None if step.attn_probs is None else step.attn_probs[:, :, -N:]
         return ARStep(cut(step.cond), cut(step.hidden), cut(step.entropy),
                       {k: cut(v) for k, v in step.layer_hidden.items()}, probs, cut(step.attn_valid),
-                      step.hidden if keep_seq else None)
+                      draft_features(step.hidden, mask) if draft_feats else None)
 
 
 class TargetAR(ARModel):

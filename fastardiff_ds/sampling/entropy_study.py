@@ -51,8 +51,8 @@ def entropy_study(target: ARFlow, draft: ARFlow, ids: torch.Tensor, mask: torch.
     if N < 2:
         raise ValueError("the study needs at least two image tokens (token 0 is never drafted)")
     dtype = torch.float32
-    z_p, _, ent_t = _teacher_forced(target, ids, mask, tokens, explicit_layer=target_layer)
-    z_q, _, ent_d = _teacher_forced(draft, ids, mask, tokens, target)
+    z_p, ent_t = _teacher_forced(target, ids, mask, tokens, explicit_layer=target_layer)
+    z_q, ent_d = _teacher_forced(draft, ids, mask, tokens, target)
     if ent_d is None:
         raise ValueError("the draft reports no shallow-layer entropy: build it with model.draft.shallow_layer set")
     gen = torch.Generator().manual_seed(seed)

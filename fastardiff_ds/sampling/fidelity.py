@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from .acceptance import cspd_log_ratio, exact_log_ratio
-from ..models.ar import draft_features
 from .common import ARFlow, prompt_rows
 from .flow import sample_tokens
 from .guidance import HeadCounter, VelocityField, guidance_scale
@@ -42,8 +41,8 @@ def teacher_forced_conditions(flow: ARFlow, ids: torch.Tensor, mask: torch.Tenso
 
 
 def _teacher_forced(flow, ids, mask, tokens, target=None, explicit_layer=None):
-    """A KV-cached pass over prompt + tokens[:-1], as inference reads them: (conditions (B*m,N,C), hidden states
-    (B*m,P+N-1,H), entropy (B*m,N) of `explicit_layer` (default: the AR's own, a draft's shallow layer) or None)."""
+    """A KV-cached pass over prompt + tokens[:-1], as inference reads them: (conditions (B*m,N,C), entropy (B*m,N)
+    of `explicit_layer` (default: the AR's own, a draft's shallow layer) or None)."""
     B, N, _ = tokens.shape
     m = flow.cfg.batch_mult
     ids, mask = prompt_rows(ids, mask, B, m)
@@ -53,20 +52,17 @@ def _teacher_forced(flow, ids, mask, tokens, target=None, explicit_layer=None):
         if target is None:
             raise ValueError("a feature-level draft (model.draft.kind=eagle) reads the target's hidden states: "
                              "pass the target flow")
-        hid = _teacher_forced(target, ids, mask, tokens)[1][: B * m]
-        valid = torch.cat([mask, mask.new_ones(B * m, N - 1)], 1).bool()
-        feats = draft_features(hid, valid)
+        feats = target.ar.forward_train(ids, mask, torch.cat([tokens] * m), draft_feats=True).draft_feats
     cache = flow.ar.new_cache(B * m, ids.shape[1] + N)
     P = ids.shape[1]
     first = flow.ar.prefill(ids, mask, cache, **kw, **({} if feats is None else {"feats": feats[:, :P]}))
     ent = lambda *steps: None if steps[0].entropy is None else torch.cat([s.entropy for s in steps], 1)  # noqa: E731
     if N == 1:
-        return first.cond[:, -1:], first.hidden, ent(first)[:, -1:] if first.entropy is not None else None
+        return first.cond[:, -1:], ent(first)[:, -1:] if first.entropy is not None else None
     rest = flow.ar.decode(torch.cat([tokens[:, :-1]] * m), cache, **kw,
                           **({} if feats is None else {"feats": feats[:, P:]}))
     e = ent(first, rest)
-    return (torch.cat([first.cond[:, -1:], rest.cond], 1), torch.cat([first.hidden, rest.hidden], 1),
-            None if e is None else e[:, P - 1:])
+    return torch.cat([first.cond[:, -1:], rest.cond], 1), None if e is None else e[:, P - 1:]
 
 
 def _field(flow: ARFlow, cond: torch.Tensor, B: int, N: int, dtype) -> VelocityField:

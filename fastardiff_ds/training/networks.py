@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import Config
 from ..models import DraftAR, FlowHead, TargetAR, build_head, build_target
-from ..models.ar import draft_features, target_to_draft_state
+from ..models.ar import target_to_draft_state
 
 
 class Dispatch(nn.Module):
@@ -43,12 +43,8 @@ class TeacherNet(nn.Module):
                              draft_feats: bool = False):
         """(cond, hidden, entropy (B,N) of `layer` or None, a feature-level draft's input (B,P+N-1,H) or None)
         from one teacher-forced pass."""
-        out = self.ar.forward_train(input_ids, attention_mask, tokens, explicit_layer=layer, keep_seq=draft_feats)
-        feats = None
-        if draft_feats:
-            valid = torch.cat([attention_mask, attention_mask.new_ones(tokens.shape[0], tokens.shape[1] - 1)], 1)
-            feats = draft_features(out.seq_hidden, valid)
-        return out.cond, out.hidden, out.entropy, feats
+        out = self.ar.forward_train(input_ids, attention_mask, tokens, explicit_layer=layer, draft_feats=draft_feats)
+        return out.cond, out.hidden, out.entropy, out.draft_feats
 
     def entropy(self, input_ids, attention_mask, tokens, layer: int):
         """Normalised attention entropy (B,N) of `layer` at the image-conditioning positions."""

@@ -16,7 +16,7 @@ import torch
 from _ds_like import Frozen, NoEMA, fake_engine
 from test_speculative_real_models import prompts  # 3 left-padded prompts + their unconditional rows
 from fastardiff_ds.config.schema import ARConfig, DraftConfig, HeadConfig, ImageConfig, ModelConfig
-from fastardiff_ds.models.ar import DraftAR, TargetAR, draft_features
+from fastardiff_ds.models.ar import DraftAR, TargetAR
 from fastardiff_ds.models.flow_head import FlowHead
 from fastardiff_ds.sampling import speculative as sp
 from fastardiff_ds.sampling.common import ARFlow, DecodeStats
@@ -50,15 +50,6 @@ def build(randomise_fuse=True):
     return cfg, ARFlow(target, head, SAMPLER, mode), ARFlow(draft, head, SAMPLER, mode)
 
 
-def _target_states(target: TargetAR, ids, mask, tokens):
-    """Hidden states of every position of prompt + tokens[:-1], teacher forced."""
-    return target.forward_train(ids, mask, tokens, keep_seq=True).seq_hidden
-
-
-def _valid(mask, N):
-    return torch.cat([mask, mask.new_ones(mask.shape[0], N - 1)], 1).bool()
-
-
 def test_eagle_draft_starts_as_the_truncated_draft():
     torch.manual_seed(0)
     cfg = _cfg()
@@ -84,7 +75,7 @@ def test_eagle_decode_equals_teacher_forcing():
     cfg, target, draft = build()
     ids, mask = prompts()
     tokens = torch.randn(6, 5, cfg.image.token_dim, dtype=torch.float64)
-    feats = draft_features(_target_states(target.ar, ids, mask, tokens), _valid(mask, 5))
+    feats = target.ar.forward_train(ids, mask, tokens, draft_feats=True).draft_feats
     full = draft.ar.forward_train(ids, mask, tokens, feats=feats).cond
     cache = draft.ar.new_cache(6, 16)
     P = ids.shape[1]
