@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resolution", type=int, default=64, help="render size in px (the loader resizes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-per-task", type=int, default=48, help="max held-out prompts per GenEval tag")
+    p.add_argument("--workers", type=int, default=1, help="processes writing shards (same files for any number)")
     a = p.parse_args(argv)
-    summary = write_shapes_dataset(a.out, a.num_samples, a.shard_size, a.resolution, a.seed, a.eval_per_task)
+    summary = write_shapes_dataset(a.out, a.num_samples, a.shard_size, a.resolution, a.seed, a.eval_per_task,
+                                   a.workers)
     print(json.dumps(summary))
     return summary
 

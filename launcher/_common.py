@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from fastardiff_ds.config import Config
@@ -21,7 +22,8 @@ def ensure_shapes_data(cfg: Config, num_samples: int = DEFAULT_SHAPES_SAMPLES) -
     from fastardiff_ds.data.synthetic import write_shapes_dataset
 
     print(f"no shards at '{path}': writing the synthetic shapes set ({num_samples} samples) there first")
-    summary = write_shapes_dataset(str(path), num_samples, shard_size=2000, resolution=64, seed=cfg.seed)
+    summary = write_shapes_dataset(str(path), num_samples, shard_size=2000, resolution=64, seed=cfg.seed,
+                                   workers=min(8, os.cpu_count() or 1))
     print(json.dumps(summary))
 
 

@@ -118,6 +118,9 @@ class PretrainConfig:
     DeepSpeed over N ranks; `data.batch_size` is per rank. The export (run_dir/checkpoint) holds the EMA weights."""
 
     ds_config: str = "ds_configs/zero3.json"  # engine knobs (ZeRO stage, bf16); --ds_config on the launcher
+    # "" = random init; else an inference checkpoint folder (our export, e.g. assets/tiny_teacher) whose AR + head
+    # weights start a fresh run (its model section must equal the run's); a resumed run reads its own checkpoint
+    init: str = ""
     steps: int = 3000
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)

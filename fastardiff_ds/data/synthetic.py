@@ -30,24 +30,37 @@ def shapes_sample(seed: int, index: int, resolution: int, key: str) -> tuple[dic
     return members, meta
 
 
+def _write_shard(args: tuple) -> None:
+    out_dir, shard, num_samples, shard_size, resolution, seed = args
+    writer = ShardWriter(out_dir, shard)
+    for i in range(shard * shard_size, min(num_samples, (shard + 1) * shard_size)):
+        key = sample_key(shard, i - shard * shard_size, shard_size)
+        members, meta = shapes_sample(seed, i, resolution, key)
+        writer.add(key, members, meta, {"task": meta["task"], "label": meta["label"]})
+    writer.close()
+
+
 def write_shapes_dataset(out_dir: str, num_samples: int, shard_size: int, resolution: int = 64,
-                         seed: int = 0, eval_per_task: int = 48) -> dict:
+                         seed: int = 0, eval_per_task: int = 48, workers: int = 1) -> dict:
     """Write ``ceil(num_samples / shard_size)`` shards + sizes.json + shapes_eval_metadata.jsonl.
 
     Deterministic for a seed: sample i is drawn from ``default_rng([seed, i])`` whatever the
-    sharding, and tars are written with fixed mtimes/modes (stats.json timings aside).
+    sharding, and tars are written with fixed mtimes/modes (stats.json timings aside). `workers` > 1
+    writes shards in that many processes; the files are the same.
     """
-    if num_samples < 1 or shard_size < 1:
-        raise ValueError(f"num_samples={num_samples} and shard_size={shard_size} must be >= 1")
+    if num_samples < 1 or shard_size < 1 or workers < 1:
+        raise ValueError(f"num_samples={num_samples}, shard_size={shard_size} and workers={workers} must be >= 1")
     os.makedirs(out_dir, exist_ok=True)
     n_shards = -(-num_samples // shard_size)
-    for shard in range(n_shards):
-        writer = ShardWriter(out_dir, shard)
-        for i in range(shard * shard_size, min(num_samples, (shard + 1) * shard_size)):
-            key = sample_key(shard, i - shard * shard_size, shard_size)
-            members, meta = shapes_sample(seed, i, resolution, key)
-            writer.add(key, members, meta, {"task": meta["task"], "label": meta["label"]})
-        writer.close()
+    jobs = [(out_dir, shard, num_samples, shard_size, resolution, seed) for shard in range(n_shards)]
+    if workers > 1 and n_shards > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(workers, n_shards)) as pool:
+            pool.map(_write_shard, jobs, chunksize=1)
+    else:
+        for job in jobs:
+            _write_shard(job)
     sizes = finish_dataset(out_dir)
     prompts = eval_prompts(seed=seed, per_task=eval_per_task)
     with open(os.path.join(out_dir, EVAL_METADATA), "w", encoding="utf-8") as f:

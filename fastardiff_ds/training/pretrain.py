@@ -23,7 +23,8 @@ from .. import engines as E
 from ..config import Config, to_dict
 from ..losses.common import randn
 from ..losses.flow_matching import FlowMatchingConfig, head_flow_matching_loss
-from ..models import FlowHead, TargetAR, build_head, build_target, save_pretrained
+from ..models import (FlowHead, TargetAR, build_head, build_target, from_pretrained, load_config, resolve_asset,
+                      save_pretrained)
 from ..schedules.lr import LRSchedule, make_lr_lambda
 from .batch import image_tokens
 from .loop import LoopConfig, Trainer
@@ -64,6 +65,29 @@ def build_pretrain_net(cfg: Config) -> Dispatch:
     return Dispatch(PretrainNet(build_target(cfg), build_head(cfg)))
 
 
+def init_pretrain_net(cfg: Config) -> Dispatch:
+    """The stage-0 net, random or (pretrain.init) from an inference checkpoint of the same architecture, in fp32
+    (the engine casts for bf16; the EMA stays fp32)."""
+    if not cfg.pretrain.init:
+        return build_pretrain_net(cfg)
+    folder = Path(resolve_asset(cfg.pretrain.init))
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"pretrain.init='{cfg.pretrain.init}' holds no model.safetensors: pass an inference "
+                                "checkpoint folder (e.g. assets/tiny_teacher or a run's run_dir/checkpoint)")
+    theirs = load_config(folder)
+    mine, other = to_dict(cfg.model), to_dict(theirs.model)
+    keys = [f"{part}.{k}" for part in ("ar", "head", "image") for k in mine[part]
+            if not k.endswith("path") and mine[part][k] != other[part].get(k)]
+    if keys:
+        raise ValueError(f"pretrain.init='{cfg.pretrain.init}' is another architecture than this run's model "
+                         f"(differs in model.{', model.'.join(keys)}): start from a checkpoint of this preset, or "
+                         "set the model keys to the checkpoint's")
+    fp32 = copy.deepcopy(cfg)
+    fp32.model.dtype = "float32"
+    target, head = from_pretrained(folder, fp32)
+    return Dispatch(PretrainNet(target, head))
+
+
 def ema_decay(decay: float, step: int) -> float:
     """EMA decay at optimizer step `step`, warmed up as (1 + s) / (10 + s) (diffusers `EMAModel`), so a short
     run's EMA is not stuck at the initial weights; `decay` is the ceiling."""
@@ -95,7 +119,7 @@ class PretrainTask:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         # Built whole, then partitioned by deepspeed.initialize: under zero.Init the head's post-construction init
         # (zero adaLN / output layers, flow_head.py) would write to empty shards and be lost.
-        self.engine = rt.build_engine(build_pretrain_net(cfg), spec, ds_base, micro_batch=cfg.data.batch_size,
+        self.engine = rt.build_engine(init_pretrain_net(cfg), spec, ds_base, micro_batch=cfg.data.batch_size,
                                       grad_accum=1, lr_lambda=sched)
         self.engines = {"model": self.engine}
         self.ema_module = self._build_ema(ds_base)
