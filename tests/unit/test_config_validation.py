@@ -45,7 +45,7 @@ def test_every_mode_key_is_an_enum():
     assert free_text == {"preset", "run_dir", "model.image.vae_path", "model.text.path", "data.shards",
                          "wandb.project", "wandb.entity", "wandb.group", "inference.positive_prompt",
                          "inference.negative_prompt", "train.teacher", "train.ds_config", "train.export_dir",
-                         "pretrain.ds_config"}
+                         "pretrain.ds_config", "pretrain.init"}
 
 
 def test_enum_choices_are_the_subsystems_own():
