@@ -6,7 +6,7 @@ MODES = ("baseline", "sd", "dmd", "fastardiff")
 
 _COMMON = ["train.log_every=1", "train.gen_every=2", "train.keep_last=2", "wandb.enabled=false"]
 
-# train_timeout_s covers DeepSpeed's first JIT build of FusedAdam (nvcc + ninja, ~1-2 min, cached after)
+# train_timeout_s: DeepSpeed start-up and 40 steps (the GPU engines use torch's AdamW: no JIT-built extension)
 GPU = {
     "steps": 40, "budget_s": 450, "train_timeout_s": 300, "generate_timeout_s": 150, "bench_timeout_s": 240,
     "samples": 1024, "threads": 4, "bench_prompts": 4,

@@ -83,10 +83,19 @@ def _resolve_common(base: dict, *, micro_batch: int, device_type: str, zero_stag
     if bf16["enabled"]:
         _fp32_grad_accumulation(cfg)
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
-    if device_type == "cpu":
-        # The CPU path uses a client torch.optim.AdamW, which ZeRO only accepts with this flag.
+    if client_optimizer(cfg, device_type):
+        # A client torch.optim.AdamW, which ZeRO only accepts with this flag.
         cfg["zero_allow_untested_optimizer"] = True
     return cfg
+
+
+def client_optimizer(cfg: dict, device_type: str) -> bool:
+    """Whether the engine's optimizer is a client torch.optim.AdamW (every case but ZeRO-Offload on an
+    accelerator, whose DeepSpeedCPUAdam only DeepSpeed builds). On a GPU that replaces DeepSpeed's FusedAdam,
+    whose first use JIT-compiles a CUDA extension (nvcc, ~1-2 min per fresh machine) and fails on some images:
+    DeepSpeed 0.19.8 cannot parse a TORCH_CUDA_ARCH_LIST holding '9.0a' (ValueError: invalid literal '0a')."""
+    offload = cfg.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return device_type == "cpu" or offload.get("device", "none") in ("none", None)
 
 
 def train_ds_config(base: dict, *, micro_batch: int, grad_accum: int, world_size: int, device_type: str,

@@ -2,10 +2,11 @@
 
 Each engine has its own optimizer and lr schedule (``EngineSpec``); batch size and lr are injected
 into the DeepSpeed dict from the experiment config (see ``ds_config``). Two optimizer paths:
-- GPU: ``"optimizer": {"type": "AdamW"}`` in the resolved dict, so DeepSpeed picks FusedAdam (or
-  DeepSpeedCPUAdam under optimizer offload), bf16 when the JSON says ``"auto"`` and the GPU has it;
-- CPU: a client ``torch.optim.AdamW`` with ``zero_allow_untested_optimizer`` (gloo; fp32 unless the JSON
-  forces bf16, which DeepSpeed 0.19.8's CPU accelerator supports).
+- a client ``torch.optim.AdamW`` with ``zero_allow_untested_optimizer`` (torch's own multi-tensor kernels on
+  a GPU: no JIT-built extension, see ``ds_config.client_optimizer``), bf16 when the JSON says ``"auto"`` and the
+  GPU has it; on CPU gloo, fp32 unless the JSON forces bf16 (DeepSpeed 0.19.8's CPU accelerator supports it);
+- ZeRO-Offload on a GPU: ``"optimizer": {"type": "AdamW"}`` in the resolved dict, so DeepSpeed builds its
+  DeepSpeedCPUAdam.
 The lr schedule carries a factor the trainer sets before a step (``set_lr_scale``: Eq. 9's α in
 ``train.alpha_mode=lr``); ``master_params`` exposes the fp32 shards the optimizer updates (update sizes).
 Every method is collective under ZeRO-3: all ranks call the same engines in the same order.
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from fastardiff_ds.engines.dist import accelerator_name, get_world_size
-from fastardiff_ds.engines.ds_config import train_ds_config
+from fastardiff_ds.engines.ds_config import client_optimizer, train_ds_config
 from fastardiff_ds.engines.groups import mpu_scope
 
 ModelOrBuilder = nn.Module | Callable[[], nn.Module]
@@ -252,7 +253,7 @@ def build_engine(model: ModelOrBuilder, spec: EngineSpec, ds_base: dict, *, micr
         if not groups:
             raise ValueError(f"build_engine({spec.name!r}): the model has no trainable parameters")
         optimizer = None
-        if device_type == "cpu":
+        if client_optimizer(cfg, device_type):
             optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
         else:
             cfg["optimizer"] = {"type": "AdamW", "params": {"lr": spec.lr, "betas": list(spec.betas),

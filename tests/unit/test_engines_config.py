@@ -185,3 +185,16 @@ def test_mpu_scope_restores_deepspeed_global():
             assert groups.mpu is marker
             raise RuntimeError
     assert groups.mpu is before
+
+
+def test_gpu_engines_use_a_client_torch_adamw_except_under_zero_offload():
+    """No JIT-built FusedAdam on a GPU: its first build needs nvcc and fails where TORCH_CUDA_ARCH_LIST holds
+    '9.0a' (seen on a lent H200); only ZeRO-Offload keeps DeepSpeed's own (CPU) Adam."""
+    from fastardiff_ds.engines.ds_config import client_optimizer
+
+    for name, client in (("zero2", True), ("zero3", True), ("zero3_offload", False)):
+        cfg = train_ds_config(load_ds_config(name), micro_batch=2, grad_accum=1, world_size=8, device_type="cuda")
+        assert client_optimizer(cfg, "cuda") is client, name
+        assert cfg.get("zero_allow_untested_optimizer", False) is client, name
+        cpu = train_ds_config(load_ds_config(name), micro_batch=2, grad_accum=1, world_size=8, device_type="cpu")
+        assert client_optimizer(cpu, "cpu") and cpu["zero_allow_untested_optimizer"] is True, name
