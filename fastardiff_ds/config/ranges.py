@@ -82,7 +82,7 @@ RANGES: dict[str, Range] = {
     **{f"train.lr_{k}": POSITIVE for k in ("draft", "target", "student_cd", "student_dmd", "fake")},
     "train.betas": BETA, "train.weight_decay": NONNEG, "train.warmup_steps": NONNEG,
     "train.gen_every": ONE_UP, "train.ema_decay": UNIT, "train.cd_delta": Range(0, 1, lo_open=True),
-    "train.cd_solver_steps": ONE_UP,
+    "train.cd_solver_steps": ONE_UP, "train.dmd_reg_weight": NONNEG,
     "train.guidance_min": NONNEG, "train.guidance_max": NONNEG, "train.dmd_guidance": NONNEG,
     "train.student_steps": ONE_UP, "train.grad_accum": ONE_UP, "train.teacher_group_size": NONNEG,
     "train.log_every": ONE_UP, "train.save_every": ONE_UP, "train.sample_every": NONNEG,  # 0 = only at the end

@@ -209,6 +209,10 @@ class TrainConfig:
     guidance_max: float = 6.0
     dmd_guidance: float = 5.0  # teacher CFG of the real score in DMD; the student's fixed embedding there
     student_steps: int = 2  # few-step grid the DMD generator is trained on
+    # > 0: DMD1's regression term: each generator step also minimises this weight x the CD loss (with
+    # cd_delta=1: the distance to the teacher's guided ODE endpoint, at the DMD guidance), anchoring DMD's
+    # mode-seeking to the teacher's own samples. 0 = DMD2 (no regression)
+    dmd_reg_weight: float = 0.0
     grad_accum: int = 1
     activation_checkpointing: bool = False  # recompute each AR decoder layer in backward (draft, trained target)
     teacher_group_size: int = 0  # ranks the frozen teacher is partitioned over (0 = ranks of one node)

@@ -138,7 +138,7 @@ class JointStep:
         if stage == "cd":
             metrics.update(self.cd_branch(tokens.reshape(-1, D), cond_in, guided, w.loss["dist"], step, gen))
         else:
-            metrics.update(self.dmd_branch(cond_in, guided, w.loss["dist"], step, gen, (B, tokens.shape[1], D)))
+            metrics.update(self.dmd_branch(cond_in, guided, w.loss["dist"], step, gen, tokens.reshape(-1, D), B))
         if "target" in e and cond_in.grad is not None:  # surrogate: d(sum cond * g)/dtheta = dL_dist/dtheta
             # cond_in.grad already carries the student engine's 1/grad_accum; the target's backward divides again
             e["target"].backward((cond_s.reshape(-1, C) * cond_in.grad).sum() * cfg.train.grad_accum)
@@ -170,9 +170,10 @@ class JointStep:
             self.ema.update(self.cfg.train.ema_decay)
         return {**m, "loss/dist": float(l_cd.detach())}
 
-    def dmd_branch(self, cond_in, guided, weight, step, gen, shape) -> dict:
+    def dmd_branch(self, cond_in, guided, weight, step, gen, tokens, B: int) -> dict:
+        """tokens: (B*N, D) clean image tokens (only DMD1's regression term, train.dmd_reg_weight, reads them)."""
         t = self.cfg.train
-        B, N, D = shape
+        N, D = tokens.shape[0] // B, tokens.shape[1]
         student, fake = self.engines["student"], self.engines["fake"]
         w = torch.full((B * N,), float(t.dmd_guidance), device=cond_in.device)
         grid = time_grid(t.student_steps, device=cond_in.device)[:-1]
@@ -188,6 +189,11 @@ class JointStep:
             real = lambda xx, tt: guided(xx, tt, w)  # noqa: E731
             fake_v = lambda xx, tt: head_fn(fake)(xx, tt, cond_in.detach())  # noqa: E731
             l_g, m = dmd_generator_loss(x.reshape(B, N, D), real, fake_v, gen, config=self.dmd)
+            if t.dmd_reg_weight > 0:  # DMD1's regression onto the teacher's samples, at the DMD guidance
+                l_r, _ = consistency_distillation_loss(head_fn(student), self.ema_head, guided, tokens, cond_in, gen,
+                                                       config=self.cd, guidance=w)
+                m["dmd/reg_loss"] = float(l_r.detach())
+                l_g = l_g + t.dmd_reg_weight * l_r
             if self._check("L_dmd", l_g, step):
                 student.backward(weight * l_g)
                 self._step("student")

@@ -105,3 +105,22 @@ def test_entropy_alignment_pulls_the_draft_entropy_toward_the_target(tiny_cfg):
             assert "ent/gap" in m and m["ent/loss"] >= 0
             assert abs(m["ent/mean"] - float(target.detach().mean())) < m["ent/gap"] + 1e-6
     assert gaps["align"]["ent/mean"] < gaps["maximize"]["ent/mean"]
+
+
+def test_dmd_regression_term_adds_the_weighted_cd_gradient(tiny_cfg):
+    """train.dmd_reg_weight (DMD1): the generator step's gradient is the DMD gradient + weight x the regression
+    term's gradient (same draws whatever the weight), so it is affine in the weight; weight 0 is DMD2's step."""
+    grads, metrics = {}, {}
+    for lam in (0.0, 1.0, 3.0):
+        cfg, step_fn, engines, _ = _setup(tiny_cfg)
+        cfg.train.dmd_reg_weight = lam
+        ids, mask, tokens = _batch(cfg)
+        student = engines["student"]
+        student.step = lambda: None  # keep the gradient of this one generator step
+        metrics[lam] = step_fn(ids, mask, tokens, 3, torch.Generator().manual_seed(0), stage="dmd")
+        grads[lam] = torch.cat([p.grad.flatten() for p in student.module.parameters() if p.grad is not None])
+    assert "dmd/reg_loss" not in metrics[0.0] and metrics[1.0]["dmd/reg_loss"] > 0
+    assert metrics[1.0]["dmd/reg_loss"] == pytest.approx(metrics[3.0]["dmd/reg_loss"])
+    g_reg = grads[1.0] - grads[0.0]
+    assert g_reg.abs().sum() > 0  # the term reaches the student
+    torch.testing.assert_close(grads[3.0] - grads[0.0], 3.0 * g_reg, rtol=1e-4, atol=1e-7)
