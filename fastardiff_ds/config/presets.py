@@ -82,9 +82,12 @@ def tiny_bench() -> Config:
         python launcher/pretrain_t2i.py --preset tiny-bench --threads 2 --ds_config ds_configs/zero2.json \
             run_dir=runs/teacher                       # 3600 steps, ~83 min on 2 CPU threads; then extended:
         python launcher/pretrain_t2i.py --preset tiny-bench --threads 1 --ds_config ds_configs/zero2.json \
-            run_dir=runs/teacher pretrain.steps=5000   # resumes at 3600, ~63 min; then the distillation:
-        python launcher/train_t2i.py --preset tiny-bench --ds_config ds_configs/zero2.json run_dir=runs/j2 \
-            train.teacher=runs/teacher/checkpoint data.batch_size=16
+            run_dir=runs/teacher pretrain.steps=5000   # resumes at 3600, ~63 min; then on one GPU (4.5 min):
+        deepspeed --num_gpus 1 launcher/pretrain_t2i.py --preset tiny-bench --ds_config ds_configs/zero2.json \
+            run_dir=runs/teacher3 data.shards=data/shapes240k pretrain.init=runs/teacher/checkpoint \
+            data.batch_size=128 pretrain.warmup_steps=300 pretrain.steps=1787   # then the distillation:
+        python launcher/train_t2i.py --preset tiny-bench --ds_config ds_configs/zero2.json run_dir=runs/j3s4 \
+            train.teacher=runs/teacher3/checkpoint data.batch_size=16
     """
     cfg = Config(preset="tiny-bench")
     cfg.model.ar = ARConfig(hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=1024)
@@ -97,6 +100,7 @@ def tiny_bench() -> Config:
     # the distillation shipped in assets/tiny_teacher: CD onto the teacher's ODE endpoint (8 Euler steps), then DMD
     t = cfg.train
     t.teacher, t.steps, t.cd_steps, t.gen_every, t.dmd_guidance = "assets/tiny_teacher", 400, 150, 3, 3.0
+    t.student_steps = 4  # the 4-step grid keeps more of the teacher than 2 steps (README: Quality)
     t.cd_delta, t.cd_solver_steps = 1.0, 8
     t.lr_draft, t.lr_student_cd, t.lr_student_dmd, t.lr_fake = 1e-3, 3e-4, 5e-5, 5e-5
     t.lambda_ent = 0.0  # the paper's L_ent drives the draft's entropy to 1 and halves its acceptance here (README)
