@@ -53,6 +53,7 @@ RANGES: dict[str, Range] = {
                                          "intermediate_size", "vocab_size", "max_position_embeddings")},
     "model.ar.rope_theta": POSITIVE, "model.ar.rms_norm_eps": POSITIVE,
     "model.head.width": ONE_UP, "model.head.depth": ONE_UP, "model.head.mlp_ratio": POSITIVE,
+    "model.student_head.depth": ONE_UP, "model.student_head.mlp_ratio": POSITIVE,
     "model.image.resolution": ONE_UP, "model.image.patch_size": ONE_UP, "model.image.channels": ONE_UP,
     "model.image.vae_downsample": ONE_UP, "model.image.scaling_factor": POSITIVE,
     "model.text.max_length": ONE_UP,

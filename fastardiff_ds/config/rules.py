@@ -92,6 +92,12 @@ def check_networks(cfg: Any) -> None:
         if not -max(k, 2) <= layer < k:  # -2 (the default, "penultimate") is the only layer of a 1-layer draft
             _fail(f"model.draft.{name}={layer} is not a layer of the {k}-layer draft: use 0..{k - 1} "
                   f"(or -{k}..-1 from the end; model.draft.num_layers={k})")
+    head, student = m.head, m.student_head
+    for name in ("depth", "mlp_ratio"):
+        value, teacher = getattr(student, name), getattr(head, name)
+        if value is not None and value < teacher:
+            _fail(f"model.student_head.{name}={value} < model.head.{name}={teacher}: the student head starts as the "
+                  f"teacher head and can only grow; use >= {teacher}, or none for the teacher's")
     align, L = cfg.train.entropy_align_layer, ar.num_layers
     if align is not None and not -L <= align < L:
         _fail(f"train.entropy_align_layer={align} is not a layer of the {L}-layer target: use 0..{L - 1} (or "

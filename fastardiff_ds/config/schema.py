@@ -43,6 +43,18 @@ class HeadConfig:
 
 
 @dataclass
+class StudentHeadConfig:
+    """The few-step student head's size, where it differs from the teacher head's (None = the teacher's value).
+
+    The width stays the teacher head's. A larger student starts as the teacher head exactly (`models.grow`): its
+    extra blocks are appended with adaLN-zero (identity), its extra MLP hidden units have zero output weights.
+    """
+
+    depth: int | None = None  # >= model.head.depth
+    mlp_ratio: float | None = None  # >= model.head.mlp_ratio
+
+
+@dataclass
 class ImageConfig:
     """How images become continuous tokens.
 
@@ -106,6 +118,7 @@ class DraftConfig:
 class ModelConfig:
     ar: ARConfig = field(default_factory=ARConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    student_head: StudentHeadConfig = field(default_factory=StudentHeadConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)

@@ -12,7 +12,7 @@ import torch
 
 from ..config import Config, apply_overrides, get_preset, reset_derived, update_from_dict
 from .ar import ARStep, DraftAR, TargetAR, row_entropy
-from .flow_head import FlowHead
+from .flow_head import FlowHead, grow_state, student_head_config
 from .image_tokenizers import PixelPatchTokenizer, VAETokenizer, build_image_tokenizer, patchify, unpatchify
 from .kv_cache import KVCache
 from .nextstep_config import check_special_token_ids, folder_kind, official_config
@@ -25,8 +25,10 @@ def build_target(cfg: Config) -> TargetAR:
 
 
 def build_head(cfg: Config, student: bool = False) -> FlowHead:
-    """Teacher head, or (student=True) a head with the guidance-scale embedding for CFG distillation."""
-    return FlowHead(cfg.model.head, cfg.model.image.token_dim, cfg.model.ar.hidden_size, guidance_embed=student)
+    """Teacher head, or (student=True) the few-step student: the guidance-scale embedding for CFG distillation, and
+    the size of `model.student_head` (the teacher head's by default)."""
+    size = student_head_config(cfg.model.head, cfg.model.student_head) if student else cfg.model.head
+    return FlowHead(size, cfg.model.image.token_dim, cfg.model.ar.hidden_size, guidance_embed=student)
 
 
 def build_draft(cfg: Config, target: TargetAR) -> DraftAR:
@@ -158,7 +160,7 @@ def count_params(module: torch.nn.Module) -> int:
 __all__ = [
     "ARStep", "DraftAR", "FlowHead", "KVCache", "ModelBundle", "PixelPatchTokenizer", "TargetAR", "TextTokenizer",
     "VAETokenizer", "adopt_teacher_model", "build_draft", "build_head", "build_image_tokenizer", "build_target",
-    "check_special_token_ids", "count_params", "folder_kind", "from_pretrained", "load_config", "load_pretrained",
-    "load_text_tokenizer", "nextstep_state", "official_config", "patchify", "resolve_asset", "row_entropy",
-    "save_pretrained", "unpatchify",
+    "check_special_token_ids", "count_params", "folder_kind", "from_pretrained", "grow_state", "load_config",
+    "load_pretrained", "load_text_tokenizer", "nextstep_state", "official_config", "patchify", "resolve_asset",
+    "row_entropy", "save_pretrained", "student_head_config", "unpatchify",
 ]

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..config.schema import HeadConfig
+from ..config.schema import HeadConfig, StudentHeadConfig
 
 
 TOKEN_NORM_EPS = 1e-6  # NextStep-1 pipeline `layer_norm(..., eps=1e-6)` (also vLLM-Omni's NextStep-1.1)
@@ -169,3 +169,35 @@ class FlowHead(nn.Module):
     def modulated(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
         """v (N,D) at states x (N,D) given one step's `chain_modulations` (each (N, *))."""
         return self.net.modulated(x.to(self.net.input_proj.weight.dtype), mods)
+
+
+def student_head_config(head: HeadConfig, student: StudentHeadConfig) -> HeadConfig:
+    """The student head's size: the teacher head's, grown where `model.student_head` says so."""
+    return HeadConfig(width=head.width, depth=head.depth if student.depth is None else student.depth,
+                      mlp_ratio=head.mlp_ratio if student.mlp_ratio is None else student.mlp_ratio)
+
+
+def grow_state(teacher: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict for a head at least as large as the teacher's (same width) that computes the teacher's function.
+
+    `fresh` is the larger head's own initialisation. Tensors of equal shape are the teacher's. The MLPs' extra
+    hidden units keep their fresh input weights and get zero output weights, so they add nothing until trained.
+    Blocks the teacher lacks keep their fresh init: adaLN-zero, the identity. Keys only in `fresh` (the guidance
+    embedding, zero-initialised) stay fresh. Raises ValueError on a key or shape the teacher cannot grow into."""
+    out = dict(fresh)
+    for key, t in teacher.items():
+        if key not in fresh:
+            raise ValueError(f"student head init: the teacher head's '{key}' has no place in the student head")
+        f = fresh[key]
+        if f.shape == t.shape:
+            out[key] = t.clone()
+            continue
+        if f.dim() != t.dim() or any(a < b for a, b in zip(f.shape, t.shape)):
+            raise ValueError(f"student head init: '{key}' is {tuple(f.shape)} in the student, {tuple(t.shape)} in "
+                             "the teacher; a student head can only grow (model.student_head)")
+        grown = f.clone()
+        if key.endswith("mlp.2.weight"):  # (W, inner): extra hidden units feed nothing
+            grown.zero_()
+        grown[tuple(slice(0, n) for n in t.shape)] = t
+        out[key] = grown
+    return out

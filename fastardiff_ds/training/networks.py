@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..models import DraftAR, FlowHead, TargetAR, build_head, build_target
+from ..models import DraftAR, FlowHead, TargetAR, build_head, build_target, grow_state
 from ..models.ar import target_to_draft_state
 
 
@@ -86,15 +86,14 @@ def load_teacher_state(cfg: Config) -> dict[str, torch.Tensor]:
 
 def init_networks(cfg: Config, teacher_state: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
     """Trainable networks initialised from the teacher: target AR (only with train.target_ar), draft (first k layers
-    + own norm), student head (teacher head + zero-initialised guidance embedding), fake score (teacher head).
+    + own norm), student head (teacher head + zero-initialised guidance embedding, grown to model.student_head
+    as the same function), fake score (teacher head).
     The trained ARs recompute their layers in backward when train.activation_checkpointing is set.
     The full target is not built unless it is trained: at 14B it would be a 56 GB fp32 copy per rank."""
     ar_state = {k: v for k, v in teacher_state.items() if not k.startswith("image_head.")}
     head_state = {k.removeprefix("image_head."): v for k, v in teacher_state.items() if k.startswith("image_head.")}
     student, fake = build_head(cfg, student=True), build_head(cfg)
-    missing, unexpected = student.load_state_dict(head_state, strict=False)
-    if unexpected or any(not k.startswith("guidance_embed.") for k in missing):
-        raise ValueError(f"student head init: unexpected {unexpected[:4]}, missing {missing[:4]}")
+    student.load_state_dict(grow_state(head_state, student.state_dict()))  # = the teacher head (model.student_head)
     fake.load_state_dict(head_state)
     draft = DraftAR(cfg.model).load_target_state(target_to_draft_state(ar_state, cfg.model.draft.num_layers))
     if not cfg.model.draft.train_embeddings:  # 778M frozen params at 14B scale: the draft reuses the target's
