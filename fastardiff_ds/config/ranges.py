@@ -78,7 +78,7 @@ RANGES: dict[str, Range] = {
     "inference.max_resample_tries": ONE_UP, "inference.batch_size": ONE_UP,
     # train
     "train.steps": ONE_UP, "train.cd_steps": NONNEG,  # cd_steps <= steps: rules.py
-    "train.lambda_ent": NONNEG, "train.alpha0": UNIT, "train.alphaT": UNIT,
+    "train.lambda_ent": NONNEG, "train.draft_unroll": ONE_UP, "train.alpha0": UNIT, "train.alphaT": UNIT,
     "train.alpha_step_at": Range(0, 1, lo_open=True),
     **{f"train.lr_{k}": POSITIVE for k in ("draft", "target", "student_cd", "student_dmd", "fake")},
     "train.betas": BETA, "train.weight_decay": NONNEG, "train.warmup_steps": NONNEG,

@@ -145,6 +145,9 @@ def check_train(cfg: Any) -> None:
     if t.cd_steps > t.steps:
         _fail(f"train.cd_steps={t.cd_steps} > train.steps={t.steps}: stage 2 (DMD) would never run; use "
               f"train.cd_steps <= train.steps (= train.steps for consistency distillation only, 0 for DMD only)")
+    if t.draft_unroll > 1 and cfg.model.draft.kind != "eagle":
+        _fail(f"train.draft_unroll={t.draft_unroll} needs a draft that reads features (model.draft.kind=eagle); "
+              f"the {cfg.model.draft.kind} draft reads only tokens: set train.draft_unroll=1")
     if t.guidance_min > t.guidance_max:
         _fail(f"train.guidance_min={t.guidance_min} > train.guidance_max={t.guidance_max}")
 

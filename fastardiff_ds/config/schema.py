@@ -201,6 +201,9 @@ class TrainConfig:
     # relative depth, draft layer i of k -> target layer (i + 1) L / k - 1)
     entropy_objective: Literal["maximize", "align"] = "maximize"
     entropy_align_layer: int | None = None
+    # feature-level drafts (model.draft.kind=eagle): L_reg over this many passes; pass k reads the draft's own
+    # features of pass k - 1 where the target's were, as drafted tokens 2..k of a round do (beyond the paper)
+    draft_unroll: int = 1
     alpha_kind: Literal["linear", "cosine", "step", "constant"] = "linear"  # linear: Eq. 8
     alpha0: float = 0.95
     alphaT: float = 0.05

@@ -150,6 +150,8 @@ class JointStep:
         feats: a feature-level draft's inputs (the teacher's hidden states, `draft_features`)."""
         out = self.engines["draft"]("forward_train", ids, mask, tokens, explicit_layer=self.draft_layer, feats=feats)
         l_reg, m_reg = feature_regression_loss(out.hidden, hid_target)
+        if feats is not None and self.cfg.train.draft_unroll > 1:
+            l_reg, m_reg = self._unrolled_reg(ids, mask, tokens, hid_target, feats, out.hidden, l_reg, m_reg)
         if target_entropy is None:
             l_ent, m_ent, ents = entropy_loss(out.attn_probs, out.attn_valid)
         else:
@@ -159,6 +161,21 @@ class JointStep:
             self.engines["draft"].backward(weight * loss)
             self._step("draft")
         return {**m_reg, **m_ent, "loss/ar": float(loss.detach()), "_draft_entropy": ents}
+
+    def _unrolled_reg(self, ids, mask, tokens, hid_target, feats, hidden, l_reg, m_reg):
+        """L_reg averaged over train.draft_unroll passes of a feature-level draft. Pass k reads, at every image
+        position, the draft's own (detached) hidden state of pass k - 1 where pass 1 read the target's: what the
+        draft sees when it drafts the k-th token of a round. The prompt positions keep the target's states, as in
+        the sampler. Metrics: reg/loss and reg/cos of pass 1, reg/cos_pass{k} of the others."""
+        n_fed = tokens.shape[1] - 1  # feats[:, -n_fed:] are the hidden states of image positions 0..N-2
+        total, metrics = l_reg, dict(m_reg)
+        for k in range(2, self.cfg.train.draft_unroll + 1):
+            fed = torch.cat([feats[:, :-n_fed], hidden[:, :-1].detach().to(feats.dtype)], 1) if n_fed else feats
+            hidden = self.engines["draft"]("forward_train", ids, mask, tokens, feats=fed).hidden
+            l_k, m_k = feature_regression_loss(hidden, hid_target)
+            total = total + l_k
+            metrics[f"reg/cos_pass{k}"] = m_k["reg/cos"]
+        return total / self.cfg.train.draft_unroll, metrics
 
     def cd_branch(self, tokens, cond_in, guided, weight, step, gen) -> dict:
         student = self.engines["student"]

@@ -186,3 +186,52 @@ def test_folders_written_before_the_draft_kind_existed_load_truncated_drafts(tmp
     (tmp_path / "old" / "config.json").write_text(json.dumps(data))
     bundle = load_pretrained(tmp_path / "old")
     assert bundle.cfg.model.draft.kind == "truncated" and not bundle.draft.reads_features
+
+
+def test_unrolled_draft_loss_matches_plain_autograd(tiny_cfg):
+    """train.draft_unroll=3: the draft's gradient is that of the mean SmoothL1 over three passes, pass k reading the
+    draft's own detached states of pass k - 1 at the image positions and the target's at the prompt's."""
+    import torch.nn.functional as F
+
+    from fastardiff_ds.config import ConfigError
+    from fastardiff_ds.config.overrides import apply_overrides
+    from fastardiff_ds.models import build_head, build_target, nextstep_state
+    from fastardiff_ds.training.joint import JointStep
+    from fastardiff_ds.training.networks import Dispatch, TeacherNet, init_networks
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.draft.kind = "eagle"
+    cfg.train.steps, cfg.train.cd_steps, cfg.train.lambda_ent, cfg.train.draft_unroll = 2, 2, 0.0, 3
+    torch.manual_seed(0)
+    target, head = build_target(cfg), build_head(cfg)
+    nets = init_networks(cfg, nextstep_state(target, head))
+    with torch.no_grad():
+        nets["draft"].inner.feature_fuse.weight.normal_(std=0.05)  # the feature half must matter
+    reference = copy.deepcopy(nets["draft"].inner)
+    engines = {k: fake_engine(k, v, lr=1e-3) for k, v in nets.items()}
+    teacher = Frozen(Dispatch(TeacherNet(target, head)).eval())
+    step = JointStep(cfg, engines, teacher, NoEMA(), copy.deepcopy(nets["student"]).requires_grad_(False),
+                     (torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long)))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 300, (2, 6), generator=g)
+    tokens = torch.randn(2, cfg.model.image.num_tokens, cfg.model.image.token_dim, generator=g).clamp(-1, 1)
+    mask = torch.ones_like(ids)
+    metrics = step(ids, mask, tokens, 0, torch.Generator().manual_seed(0))
+    got = engines["draft"].ds.records[0]["grads"]
+
+    with torch.no_grad():
+        t_out = target.forward_train(ids, mask, tokens, draft_feats=True)
+    feats, n = t_out.draft_feats, tokens.shape[1] - 1
+    losses, hidden, fed = [], None, feats
+    for k in range(3):
+        if k:
+            fed = torch.cat([feats[:, :-n], hidden[:, :-1].detach()], 1)
+        hidden = reference.forward_train(ids, mask, tokens, feats=fed).hidden
+        losses.append(F.smooth_l1_loss(hidden, t_out.hidden).mean())
+    (sum(losses) / 3).backward()  # train.alpha_mode=lr: alpha sits on the lr, the loss is unweighted
+    for name, p in reference.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got["inner." + name], p.grad, rtol=1e-4, atol=1e-7)
+    assert {"reg/cos", "reg/cos_pass2", "reg/cos_pass3"} <= set(metrics)
+    with pytest.raises(ConfigError, match="train.draft_unroll=2 needs a draft that reads features"):
+        apply_overrides(copy.deepcopy(tiny_cfg), ["model.draft.kind=truncated", "train.draft_unroll=2"])
