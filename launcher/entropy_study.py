@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -119,7 +120,10 @@ def main(argv=None):
     results = []
     for item in a.ckpt:
         label, _, folder = item.rpartition("=")
-        st, info = study_one(folder, a.head, a.num_prompts, a.seed, a.cost, a.overrides)
+        try:
+            st, info = study_one(folder, a.head, a.num_prompts, a.seed, a.cost, a.overrides)
+        except (FileNotFoundError, ValueError, KeyError) as e:  # a bad folder or override: one line naming it
+            sys.exit(f"error: {item}: {e}")
         label = label or Path(folder).name
         results.append((label, st, info))
         print(f"{label}: draft entropy {info['draft_entropy_mean']:.3f}±{info['draft_entropy_std']:.3f}, target "

@@ -66,6 +66,30 @@ def test_variant_overrides_reach_the_spec_and_leave_the_base_config_alone(monkey
     assert seen["spec"].accept == "cspd" and seen["spec"].cspd_inner_temperature == 42.0
 
 
+def test_bad_folder_variant_or_override_is_one_line_before_any_timing(tmp_path, tiny_cfg, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from fastardiff_ds.models import build_head, build_target, save_pretrained
+
+    path = Path(__file__).resolve().parents[2] / "launcher" / "bench_inference.py"
+    mod_spec = importlib.util.spec_from_file_location("bench_inference", path)
+    bench = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(bench)
+    save_pretrained(tmp_path / "ck", tiny_cfg, build_target(tiny_cfg), build_head(tiny_cfg))
+    base = ["--num-prompts", "1", "--modes", "baseline", "--compile", "off"]
+    cases = [(["--ckpt", str(tmp_path / "nope")], "does not exist"),
+             (["--ckpt", str(tmp_path / "ck"), "--variant", "x=nomode"], "write LABEL=MODE"),
+             (["--ckpt", str(tmp_path / "ck"), "--variant", "x=baseline:inference.gama=6"], "unknown config key "
+              "'inference.gama'")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            bench.main([*args, *base, "--json", str(tmp_path / "out.json")])
+        assert message in str(e.value)
+        assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_markdown_table_has_a_row_per_mode():
     from fastardiff_ds.benchmark import markdown_table
 
