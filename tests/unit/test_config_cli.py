@@ -43,8 +43,10 @@ def test_the_tree_has_optional_fields():
 
 @pytest.mark.parametrize("key,inner", OPTIONAL, ids=[k for k, _ in OPTIONAL])
 def test_every_optional_field_parses(key, inner):
-    # data.resolution must equal model.image.resolution; train.entropy_align_layer must be a layer of the target
-    text, want = {"data.resolution": ("32", 32), "train.entropy_align_layer": ("2", 2)}.get(key, SAMPLES[inner])
+    # data.resolution must equal model.image.resolution; train.entropy_align_layer must be a layer of the target;
+    # model.student_head.* may only grow the teacher head
+    text, want = {"data.resolution": ("32", 32), "train.entropy_align_layer": ("2", 2),
+                  "model.student_head.mlp_ratio": ("2.5", 2.5)}.get(key, SAMPLES[inner])
     cfg = apply_overrides(get_preset("tiny"), [f"{key}={text}"])
     section, leaf = key.rsplit(".", 1) if "." in key else ("", key)
     obj = cfg
