@@ -57,22 +57,19 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inference.gamma=6 inference.noise_level=1.5")
     a = p.parse_args(argv)
     a.overrides = [*vae_overrides(a.vae), *a.overrides]
-    try:
-        rows = [(m, m, []) for m in a.modes] + [parse_variant(v, MODES) for v in a.variant]
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    rows = _compile_rows(rows, a.compile)
     torch.set_num_threads(a.threads)
     prompts = ([l.strip() for l in Path(a.prompts_file).read_text().splitlines() if l.strip()] if a.prompts_file
                else [m["prompt"] for m in eval_prompts(seed=a.seed)])
     prompts = (prompts * (a.num_prompts // max(len(prompts), 1) + 1))[: a.num_prompts]
     seeds = [a.seed + i for i in range(len(prompts))]
     try:  # a bad folder, override or variant: one line naming it, before anything is timed
+        rows = [(m, m, []) for m in a.modes] + [parse_variant(v, MODES) for v in a.variant]
         base = load_pipeline(a.ckpt, a.preset, "baseline", [*a.overrides, f"inference.batch_size={a.batch_size}"])
-        for label, _, overrides in rows:
+        for _, _, overrides in rows:
             _with_overrides(base.bundle, overrides)
     except (FileNotFoundError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
+    rows = _compile_rows(rows, a.compile)
     bundle = base.bundle
     timer = SectionTimer()
     for name, m in (("ar", bundle.target), ("ar", bundle.draft), ("head", bundle.head), ("head", bundle.student)):

@@ -46,7 +46,7 @@ class HeadConfig:
 class StudentHeadConfig:
     """The few-step student head's size, where it differs from the teacher head's (None = the teacher's value).
 
-    The width stays the teacher head's. A larger student starts as the teacher head exactly (`models.grow`): its
+    The width stays the teacher head's. A larger student starts as the teacher head exactly (`models.grow_state`): its
     extra blocks are appended with adaLN-zero (identity), its extra MLP hidden units have zero output weights.
     """
 
