@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -38,7 +37,10 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def study_one(ckpt: str, head: str, num_prompts: int, seed: int, cost: float | None, overrides: list[str]):
-    pipe = load_pipeline(ckpt, None, "dmd" if head == "student" else "baseline", overrides)
+    try:
+        pipe = load_pipeline(ckpt, None, "dmd" if head == "student" else "baseline", overrides)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # a bad folder or override: one line naming it
+        raise SystemExit(f"error: {ckpt}: {e}") from None
     if pipe.bundle.draft is None:
         raise SystemExit(f"{ckpt} has no draft AR (draft.safetensors): export one with launcher/train_t2i.py")
     prompts = [m["prompt"] for m in eval_prompts(seed=seed)]
@@ -120,10 +122,7 @@ def main(argv=None):
     results = []
     for item in a.ckpt:
         label, _, folder = item.rpartition("=")
-        try:
-            st, info = study_one(folder, a.head, a.num_prompts, a.seed, a.cost, a.overrides)
-        except (FileNotFoundError, ValueError, KeyError) as e:  # a bad folder or override: one line naming it
-            sys.exit(f"error: {item}: {e}")
+        st, info = study_one(folder, a.head, a.num_prompts, a.seed, a.cost, a.overrides)
         label = label or Path(folder).name
         results.append((label, st, info))
         print(f"{label}: draft entropy {info['draft_entropy_mean']:.3f}±{info['draft_entropy_std']:.3f}, target "
