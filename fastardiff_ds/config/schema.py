@@ -219,6 +219,9 @@ class TrainConfig:
     warmup_steps: int = 0
     gen_every: int = 5  # DMD two time-scale rule: generator every k steps, fake score every step
     ema_decay: float = 0.95  # CD target network (LCM)
+    # > 0: the export holds an EMA of the student head (this decay as the ceiling, warmed up as (1+s)/(10+s)),
+    # updated after every student optimizer step of both stages; 0 = the online weights
+    student_ema_decay: float = 0.0
     cd_delta: float = 0.02  # CD skip t' - t (t' clamped to 1; 1 = regress onto the teacher's ODE endpoint)
     cd_solver_steps: int = 1  # teacher Euler steps across the skip
     guidance_min: float = 1.0  # CFG scales sampled in CD and fed to the student's guidance embedding

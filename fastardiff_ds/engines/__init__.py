@@ -20,7 +20,7 @@ from fastardiff_ds.engines.checkpoint import (capture_rng_state, latest_intact, 
 from fastardiff_ds.engines.dist import (all_gather_object, all_reduce, barrier, comm_device, device, get_rank,
                                         get_world_size, init_distributed, is_rank0, local_world_size, shutdown)
 from fastardiff_ds.engines.ds_config import inference_ds_config, load_ds_config, train_ds_config
-from fastardiff_ds.engines.ema import EMA
+from fastardiff_ds.engines.ema import EMA, ema_decay
 from fastardiff_ds.engines.engine import Engine, EngineSpec, build_engine, default_lr_lambda
 from fastardiff_ds.engines.export import export_safetensors, gathered_state_dict, load_gathered_state_dict
 from fastardiff_ds.engines.runtime import Runtime
@@ -29,7 +29,7 @@ from fastardiff_ds.engines.teacher import FrozenEngine, build_frozen, build_teac
 from fastardiff_ds.engines.update_size import step_with_update_size
 
 __all__ = [
-    "EMA", "Engine", "Runtime", "all_gather_object", "all_reduce", "comm_device", "EngineSpec", "FrozenEngine", "NetSize", "count_params", "barrier", "build_engine", "build_frozen", "build_teacher",
+    "EMA", "ema_decay", "Engine", "Runtime", "all_gather_object", "all_reduce", "comm_device", "EngineSpec", "FrozenEngine", "NetSize", "count_params", "barrier", "build_engine", "build_frozen", "build_teacher",
     "capture_rng_state", "default_lr_lambda", "device", "estimate_memory", "export_safetensors",
     "gathered_state_dict", "get_rank", "get_world_size", "inference_ds_config", "init_distributed", "is_rank0",
     "latest_intact", "load_checkpoint", "load_ds_config", "load_gathered_state_dict", "local_world_size", "nextstep_large_table",

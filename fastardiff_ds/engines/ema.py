@@ -36,6 +36,12 @@ def same_partitioning(p: nn.Parameter, q: nn.Parameter) -> bool:
             and p.ds_tensor.numel() == q.ds_tensor.numel() and _ranks(p) == _ranks(q))
 
 
+def ema_decay(decay: float, step: int) -> float:
+    """EMA decay at optimizer step `step`, warmed up as (1 + s) / (10 + s) (diffusers `EMAModel`), so a short
+    run's EMA is not stuck at the initial weights; `decay` is the ceiling."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 class EMA:
     """Tracks ``online`` (an ``nn.Module``/``Engine``) into ``ema`` (an ``nn.Module``/``FrozenEngine``).
 

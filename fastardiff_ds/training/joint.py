@@ -45,12 +45,15 @@ def stage_of(cfg: Config, step: int) -> str:
 
 class JointStep:
     """Computes the losses of one step and steps the engines. `engines`: draft, student, fake [, target];
-    `teacher`: frozen engine over a `TeacherNet`; `ema`: EMA tracker of the student with `ema_module` its copy."""
+    `teacher`: frozen engine over a `TeacherNet`; `ema`: EMA tracker of the student with `ema_module` its copy
+    (the CD target); `export_ema`: the tracker of the exported EMA (train.student_ema_decay > 0), else None."""
 
-    def __init__(self, cfg: Config, engines: dict, teacher, ema, ema_module, uncond_prompt, rt=None):
+    def __init__(self, cfg: Config, engines: dict, teacher, ema, ema_module, uncond_prompt, rt=None,
+                 export_ema=None):
         self.cfg, self.engines, self.teacher = cfg, engines, teacher
         self.rt = rt or E.Runtime()  # the finiteness vote; a world of one without a process group
         self.ema, self.ema_head = ema, head_fn(ema_module)
+        self.export_ema, self.step_now = export_ema, 0
         self.uncond_ids, self.uncond_mask = uncond_prompt  # (1, P) ids / mask of the negative ("" = empty) prompt
         self.alpha = alpha_schedule(cfg)
         self.alpha_mode = cfg.train.alpha_mode
@@ -88,10 +91,13 @@ class JointStep:
         size = E.step_with_update_size(self.engines[name], self.measure)
         if size is not None:
             self.updates[f"update/{name}"] = size
+        if name == "student" and self.export_ema is not None:  # decay from the step number: resumes continue it
+            self.export_ema.update(E.ema_decay(self.cfg.train.student_ema_decay, self.step_now))
 
     def _apply_alpha(self, step: int):
         """Eq. 9's weights at `step`: lr factors set on the engines now, loss factors returned."""
         w = eq9_weights(self.alpha(step), self.alpha_mode)
+        self.step_now = step
         for name, scale in w.lr.items():
             if name in self.engines:
                 self.engines[name].set_lr_scale(scale)

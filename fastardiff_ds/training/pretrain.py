@@ -88,12 +88,6 @@ def init_pretrain_net(cfg: Config) -> Dispatch:
     return Dispatch(PretrainNet(target, head))
 
 
-def ema_decay(decay: float, step: int) -> float:
-    """EMA decay at optimizer step `step`, warmed up as (1 + s) / (10 + s) (diffusers `EMAModel`), so a short
-    run's EMA is not stuck at the initial weights; `decay` is the ceiling."""
-    return min(decay, (1.0 + step) / (10.0 + step))
-
-
 def split_state(state: dict[str, torch.Tensor], target: nn.Module, head: nn.Module) -> tuple[dict, dict]:
     """Gathered `inner.ar.*` / `inner.head.*` weights -> the two modules' state dicts (non-persistent dropped)."""
     parts = []
@@ -158,7 +152,7 @@ class PretrainTask:
                                      "(resume with --resume auto)")
         self.engine.backward(loss)
         self.engine.step()
-        decay = ema_decay(self.cfg.pretrain.ema_decay, step)
+        decay = E.ema_decay(self.cfg.pretrain.ema_decay, step)
         self.ema.update(decay)
         return {**metrics, "ema/decay": decay}
 

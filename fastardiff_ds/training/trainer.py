@@ -56,6 +56,9 @@ class JointTask:
         teacher_state = load_teacher_state(cfg)
         nets = init_networks(cfg, teacher_state)
         self.ema_module = copy.deepcopy(nets["student"]).requires_grad_(False).to(self.device)
+        # the exported student when train.student_ema_decay > 0: its own EMA, fp32 (as pretraining's), checkpointed
+        student_ema = (copy.deepcopy(nets["student"]).requires_grad_(False).to(self.device, torch.float32)
+                       if cfg.train.student_ema_decay > 0 else None)
         micro, accum = cfg.data.batch_size, cfg.train.grad_accum
         self.engines = {}
         for name in ENGINE_ORDER:
@@ -66,9 +69,14 @@ class JointTask:
         self.teacher = self._build_teacher(teacher_state, micro)
         self.ema = E.EMA(self.engines["student"], self.ema_module)
         self.modules = {"ema": self.ema_module}
+        export_ema = None
+        if student_ema is not None:
+            self.modules["student_ema"] = student_ema
+            export_ema = E.EMA(self.engines["student"], student_ema)
         # the DMD teacher's unconditional rows: the negative prompt baseline generation uses ("" by default)
         ids, mask = text.batch([cfg.inference.negative_prompt], cfg.model.image.grid, strict=False)
-        self.step_fn = JointStep(cfg, self.engines, self.teacher, self.ema, self.ema_module, (ids, mask), rt=rt)
+        self.step_fn = JointStep(cfg, self.engines, self.teacher, self.ema, self.ema_module, (ids, mask), rt=rt,
+                                 export_ema=export_ema)
         self.step_fns = {"cd": self.step_fn.cd_step, "dmd": self.step_fn.dmd_step}
 
     def stage_of(self, step: int) -> str:
@@ -163,7 +171,10 @@ class JointTask:
                 target.load_state_dict(_strip(gathered["target"], target))
             draft, student = DraftAR(cfg.model), build_head(cfg, student=True)
             draft.load_state_dict(_strip(gathered["draft"], draft))
-            student.load_state_dict(_strip(gathered["student"], student))
+            ema = self.modules.get("student_ema")
+            student.load_state_dict(_strip(ema.state_dict() if ema is not None else gathered["student"], student))
+            if ema is not None:
+                meta = {**meta, "student_weights": "ema", "student_ema_decay": cfg.train.student_ema_decay}
             save_pretrained(out, cfg, target, head, draft=draft, student=student, meta=meta)
         rt.barrier()
         return out if rt.is_rank0 else None

@@ -78,7 +78,8 @@ def test_all_stages_run_and_shard(setup, tmp_path, group_size, draft_kind):
 
 
 def test_kill_and_resume_continues_the_same_loss_curve(setup, tmp_path):
-    steps = ["train.steps=6", "train.save_every=3"]
+    # with the exported student an EMA (train.student_ema_decay): a checkpointed module that must resume too
+    steps = ["train.steps=6", "train.save_every=3", "train.student_ema_decay=0.5"]
     ref = run("launcher/train_t2i.py", _args(setup, tmp_path / "ref", *steps))
     assert ref.returncode == 0, ref.stdout[-5000:]
     latest = tmp_path / "killed" / "checkpoints" / "latest"
@@ -97,3 +98,12 @@ def test_kill_and_resume_continues_the_same_loss_curve(setup, tmp_path):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
         compared.update(keys)
     assert {"reg/loss", "ent/loss", "loss/ar", "fake/loss", "dmd/loss"} <= compared, compared
+    from safetensors.torch import load_file
+
+    heads = [load_file(str(tmp_path / r / "export" / "student_head.safetensors")) for r in ("ref", "killed")]
+    ema = load_file(str(tmp_path / "ref" / "checkpoints" / "step_000006" / "modules" / "student_ema.safetensors"))
+    ema = {k.removeprefix("inner."): v for k, v in ema.items()}
+    assert json.loads((tmp_path / "killed" / "export" / "meta.json").read_text())["student_weights"] == "ema"
+    for k, v in heads[0].items():  # the export is the EMA, and the resumed run's EMA is the uninterrupted one's
+        torch.testing.assert_close(heads[1][k], v, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(v.float(), ema[k].float(), rtol=0, atol=0)

@@ -98,7 +98,7 @@ def test_runtime_alone_is_a_world_of_one():
 
 
 def test_ema_decay_warms_up_to_its_ceiling():
-    from fastardiff_ds.training.pretrain import ema_decay
+    from fastardiff_ds.engines import ema_decay
 
     assert ema_decay(0.999, 0) == pytest.approx(0.1)
     assert ema_decay(0.999, 10) == pytest.approx(11 / 20)

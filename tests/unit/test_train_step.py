@@ -124,3 +124,33 @@ def test_dmd_regression_term_adds_the_weighted_cd_gradient(tiny_cfg):
     g_reg = grads[1.0] - grads[0.0]
     assert g_reg.abs().sum() > 0  # the term reaches the student
     torch.testing.assert_close(grads[3.0] - grads[0.0], 3.0 * g_reg, rtol=1e-4, atol=1e-7)
+
+
+def test_export_ema_follows_every_student_step_with_the_warmed_up_decay(tiny_cfg):
+    from fastardiff_ds.engines import EMA, ema_decay
+
+    cfg, _, engines, teacher = _setup(tiny_cfg)
+    cfg.train.student_ema_decay = 0.9
+    online = engines["student"].module
+    ema = copy.deepcopy(online).requires_grad_(False).float()
+    uncond = (torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
+    step_fn = JointStep(cfg, engines, teacher, NoEMA(), copy.deepcopy(ema), uncond, export_ema=EMA(online, ema))
+    ids, mask, tokens = _batch(cfg)
+    gen = torch.Generator().manual_seed(0)
+    expect = {n: p.detach().clone() for n, p in ema.named_parameters()}
+    start, updates = copy.deepcopy(expect), 0
+    for step in range(6):  # 3 CD steps (student every step), 3 DMD steps (generator at steps 3 and 5)
+        n = len(engines["student"].ds.records)
+        step_fn(ids, mask, tokens, step, gen)
+        if len(engines["student"].ds.records) > n:
+            updates, d = updates + 1, ema_decay(0.9, step)
+            for name, p in online.named_parameters():
+                expect[name] = d * expect[name] + (1 - d) * p.detach().float()
+    assert updates == 5
+    lag = moved = 0.0
+    for name, p in ema.named_parameters():
+        torch.testing.assert_close(p, expect[name], rtol=1e-6, atol=1e-9)
+        now = online.state_dict()[name].float()
+        lag += float((p - now).square().sum())
+        moved += float((start[name] - now).square().sum())
+    assert moved > 0 and lag > 1e-4 * moved, (lag, moved)  # an average that lags, not a copy of the online weights
