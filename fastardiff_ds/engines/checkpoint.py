@@ -216,10 +216,16 @@ def load_checkpoint(ckpt: str | Path, engines: Mapping[str, object], *,
 
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
+    held = manifest["engines"] + manifest["modules"]
     missing = sorted(set(engines) - set(manifest["engines"])) + sorted(set(modules or {}) - set(manifest["modules"]))
     if missing:
-        raise KeyError(f"checkpoint {ckpt} has no {missing} (it holds {manifest['engines'] + manifest['modules']}); "
-                       f"resume with the same networks enabled or load_module_only from an export")
+        raise KeyError(f"checkpoint {ckpt} has no {missing} (it holds {held}): it was saved by a run with other "
+                       f"networks; resume with the config it was saved with (its config.json; e.g. train.target_ar, "
+                       f"train.student_ema_decay), or use a fresh run_dir")
+    unused = sorted(set(held) - set(engines) - set(modules or {}))
+    if unused and is_rank0():
+        log.warning("checkpoint %s also holds %s, which this run does not build: they are not loaded, and this run "
+                    "will not save them (its config differs from the one that saved the checkpoint)", ckpt, unused)
     saved_world, rank = manifest["world_size"], get_rank()
     same = saved_world == get_world_size()
     for name in sorted(engines):

@@ -98,10 +98,13 @@ class Trainer:
 
     def resume(self, resume: str | None, loader) -> bool:
         """Load `resume` (auto | none | tag | path) into the freshly built task; False when starting fresh."""
-        ckpt = self.rt.resolve_resume(self.run_dir / "checkpoints", resume)
-        if ckpt is None:
-            return False
-        client = self.rt.load_checkpoint(ckpt, self.task.engines, modules=self.task.modules)
+        try:  # a damaged checkpoint, or one saved by a run with other networks: one line naming it and the fix
+            ckpt = self.rt.resolve_resume(self.run_dir / "checkpoints", resume)
+            if ckpt is None:
+                return False
+            client = self.rt.load_checkpoint(ckpt, self.task.engines, modules=self.task.modules)
+        except (FileNotFoundError, KeyError) as e:
+            raise SystemExit(f"error: cannot resume {self.run_dir}: {e.args[0] if e.args else e}") from None
         self.state = TrainState(**client["train"])
         peers = client.get("peers")  # every saved rank's client state, when the world size changed
         if peers is None:

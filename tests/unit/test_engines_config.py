@@ -198,3 +198,14 @@ def test_gpu_engines_use_a_client_torch_adamw_except_under_zero_offload():
         assert cfg.get("zero_allow_untested_optimizer", False) is client, name
         cpu = train_ds_config(load_ds_config(name), micro_batch=2, grad_accum=1, world_size=8, device_type="cpu")
         assert client_optimizer(cpu, "cpu") and cpu["zero_allow_untested_optimizer"] is True, name
+
+
+def test_checkpoint_networks_this_run_does_not_build_are_named_in_a_warning(tmp_path, caplog):
+    ckpt = tmp_path / "step_000005"
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text(json.dumps({"step": 5, "engines": ["fake"], "modules": ["student_ema"],
+                                                    "world_size": 1}))
+    with caplog.at_level("WARNING", logger="fastardiff_ds.engines.checkpoint"):
+        with pytest.raises(FileNotFoundError):  # the stand-in has no client file; the check comes before loading
+            load_checkpoint(ckpt, {}, modules={})
+    assert "['fake', 'student_ema']" in caplog.text and "not loaded" in caplog.text

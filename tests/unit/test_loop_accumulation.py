@@ -66,3 +66,25 @@ def test_micro_batches_of_a_window_share_the_optimizer_step(tmp_path, monkeypatc
     assert task.seen == [0, 0, 1, 1, 2, 2]  # 3 optimizer steps of 2 micro-batches each
     assert out["step"] == 3 and trainer.state.consumed_samples == 12
     assert saved == [2, 3]  # at a window end: every 2 optimizer steps, and the last
+
+
+def test_resume_from_a_checkpoint_of_other_networks_is_one_error_line(tmp_path):
+    """A checkpoint saved without a module this run builds (e.g. train.student_ema_decay turned on at resume): a
+    SystemExit naming the checkpoint, what it lacks and the config keys to restore, not a KeyError traceback."""
+    import json
+
+    ckpt = tmp_path / "checkpoints" / "step_000005"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text(json.dumps({"step": 5, "engines": [], "modules": ["ema"], "world_size": 1}))
+    task = _Task()
+    task.modules = {"ema": torch.nn.Linear(1, 1), "student_ema": torch.nn.Linear(1, 1)}
+    trainer = Trainer(Runtime(), task, LoopConfig(steps=3), run_dir=tmp_path, config={}, seed=0,
+                      logger_factory=lambda run_id: _Logger())
+    try:
+        trainer.resume("auto", _Loader(1))
+    except SystemExit as e:
+        msg = str(e)
+    else:
+        raise AssertionError("resume did not refuse the checkpoint")
+    assert msg.startswith("error: cannot resume") and "step_000005" in msg and "['student_ema']" in msg, msg
+    assert "train.student_ema_decay" in msg and "\n" not in msg
