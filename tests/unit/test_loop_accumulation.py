@@ -1,5 +1,6 @@
 """training/loop.py counts optimizer steps: with grad_accum = k every micro-batch of a window gets the window's step
 index (so alpha(t), the stage and gen_every see optimizer steps), and logging / saving happen at window ends."""
+import pytest
 import torch
 
 from fastardiff_ds.engines import Runtime
@@ -80,11 +81,8 @@ def test_resume_from_a_checkpoint_of_other_networks_is_one_error_line(tmp_path):
     task.modules = {"ema": torch.nn.Linear(1, 1), "student_ema": torch.nn.Linear(1, 1)}
     trainer = Trainer(Runtime(), task, LoopConfig(steps=3), run_dir=tmp_path, config={}, seed=0,
                       logger_factory=lambda run_id: _Logger())
-    try:
+    with pytest.raises(SystemExit) as err:
         trainer.resume("auto", _Loader(1))
-    except SystemExit as e:
-        msg = str(e)
-    else:
-        raise AssertionError("resume did not refuse the checkpoint")
+    msg = str(err.value)
     assert msg.startswith("error: cannot resume") and "step_000005" in msg and "['student_ema']" in msg, msg
     assert "train.student_ema_decay" in msg and "\n" not in msg
