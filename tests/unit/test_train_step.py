@@ -129,11 +129,11 @@ def test_dmd_regression_term_adds_the_weighted_cd_gradient(tiny_cfg):
 def test_export_ema_follows_every_student_step_with_the_warmed_up_decay(tiny_cfg):
     from fastardiff_ds.engines import EMA, ema_decay
 
-    cfg, _, engines, teacher = _setup(tiny_cfg)
+    cfg, plain, engines, teacher = _setup(tiny_cfg)
     cfg.train.student_ema_decay = 0.9
     online = engines["student"].module
     ema = copy.deepcopy(online).requires_grad_(False).float()
-    uncond = (torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
+    uncond = (plain.uncond_ids, plain.uncond_mask)
     step_fn = JointStep(cfg, engines, teacher, NoEMA(), copy.deepcopy(ema), uncond, export_ema=EMA(online, ema))
     ids, mask, tokens = _batch(cfg)
     gen = torch.Generator().manual_seed(0)
