@@ -12,7 +12,12 @@ CSpD rule (`accept="cspd"`, algorithms.md §3, for comparison only, NOT lossless
 with the draft's noise (shared-noise alignment), and only the last transition's densities are compared,
 log r = log N(x; mu_p, (s_p T)^2) - log N(x; mu_q, (s_q T)^2) + D log(s_q/s_p)|_last + D sum_{k<K-1} log(s_p,k/s_q,k)
 (T = CSpD's inner temperature, 42 in their code; 1 here by default). The ratio of last-step densities is not the
-ratio of the token marginals, so the output is not target-distributed in general.
+ratio of the token marginals, so the output is not target-distributed in general. The one exception: at T = 1
+with equal transition stds in both chains, given the shared noise of the first K-1 steps the test is ordinary
+speculative sampling between the two last-step Gaussians N(m_q, s^2) and N(m_p, s^2), and the target's chain driven
+by that noise is a target sample, so the output is target-distributed (up to fallbacks). CSpD's published T = 42,
+or a draft chain with other stds (the factor prod (s_p/s_q)^D), is far from it: test_speculative_exact.py shows
+all three.
 """
 from __future__ import annotations
 

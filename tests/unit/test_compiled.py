@@ -74,13 +74,24 @@ def test_head_chain_matches_sample_tokens(tiny_cfg, mode, kind):
     assert counters[0] == counters[1]  # the same head-call counts as K VelocityField calls
 
 
-def _bundle(tiny_cfg):
+def _bundle(tiny_cfg, head_std=0.05):
+    """Random models whose tokens depend on every network. random_init_bundle's heads have zero adaLN / final layers
+    (v = 0 for every input: tokens would be pure noise and every draft accepted), so every head weight is drawn
+    from N(0, head_std^2); 0.05 keeps acceptance inside (0, 1) in sd and fastardiff modes
+    (test_compared_tokens_depend_on_every_network)."""
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.draft.num_layers = 1
     cfg.model.draft.entropy_layer = cfg.model.draft.shallow_layer = 0
     cfg.model.image.resolution = 16  # 16 image tokens: AR feedback stays well conditioned in fp32
     cfg.inference.num_steps, cfg.inference.cfg_scale, cfg.inference.gamma = 6, 1.5, 3
-    return random_init_bundle(cfg)
+    cfg.inference.draft_policy = "fixed"  # gamma drafts every round: verification and rollback run every round
+    bundle = random_init_bundle(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for head in (bundle.head, bundle.student):
+            for p in head.parameters():
+                p.copy_(head_std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return bundle
 
 
 def _tokens(bundle, mode, opts=None):
@@ -92,12 +103,40 @@ def _tokens(bundle, mode, opts=None):
     return pipe.generate_tokens(["a red circle", "two blue squares"], [3, 4])
 
 
-@pytest.mark.parametrize("mode", ["baseline", "sd", "dmd", "fastardiff"])
+def _perturbed(bundle, name, scale=0.01):
+    b = dataclasses.replace(bundle, **{name: copy.deepcopy(getattr(bundle, name))})
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in getattr(b, name).parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return b
+
+
+MODE_NETWORKS = {"baseline": ("target", "head"), "sd": ("target", "head", "draft"), "dmd": ("target", "student"),
+                 "fastardiff": ("target", "student", "draft")}
+
+
+@pytest.mark.parametrize("mode", list(MODE_NETWORKS))
+def test_compared_tokens_depend_on_every_network(tiny_cfg, mode):
+    """The guard of the compiled == eager tests: with these models a 1 % weight perturbation of any network a mode
+    uses moves its tokens by far more than the comparisons' atol (1e-4), and speculative modes both accept and
+    reject drafts -- so a wrong compiled decode, cache rollback or verification pass cannot hide."""
+    bundle = _bundle(tiny_cfg)
+    ref = _tokens(bundle, mode)
+    if mode in ("sd", "fastardiff"):
+        assert 0.0 < ref.stats.acceptance_rate < 1.0 and ref.stats.drafted >= 20
+    for name in MODE_NETWORKS[mode]:
+        moved = (_tokens(_perturbed(bundle, name), mode).tokens - ref.tokens).abs().max()
+        assert moved > 100 * 1e-4, f"{mode}: perturbing {name} moves the tokens by only {moved:.2e}"
+
+
+@pytest.mark.parametrize("mode", list(MODE_NETWORKS))
 def test_every_mode_traced_equals_eager(tiny_cfg, mode):
     bundle = _bundle(tiny_cfg)
     eager, comp = _tokens(bundle, mode), _tokens(bundle, mode, TRACE)
     assert torch.allclose(eager.tokens, comp.tokens, atol=1e-4)
     assert eager.stats.accepted == comp.stats.accepted and eager.stats.target_forwards == comp.stats.target_forwards
+    assert eager.stats.resampled == comp.stats.resampled and eager.stats.drafted == comp.stats.drafted
 
 
 @pytest.mark.parametrize("mode", ["sd", "fastardiff"])
@@ -109,7 +148,7 @@ def test_eagle_draft_traced_equals_eager(tiny_cfg, mode):
     with torch.no_grad():
         bundle.draft.feature_fuse.weight.add_(0.02 * torch.randn_like(bundle.draft.feature_fuse.weight))
     eager, comp = _tokens(bundle, mode), _tokens(bundle, mode, TRACE)
-    assert eager.stats.drafted > 0
+    assert eager.stats.drafted > 0 and 0.0 < eager.stats.acceptance_rate < 1.0
     assert torch.allclose(eager.tokens, comp.tokens, atol=1e-4)
     assert eager.stats.accepted == comp.stats.accepted and eager.stats.target_forwards == comp.stats.target_forwards
 
@@ -154,8 +193,9 @@ def test_compile_mode_is_validated():
 @pytest.mark.slow
 def test_speculative_decoding_stays_lossless_with_compiled_chains():
     """The losslessness test of test_speculative_exact.py with every head chain (draft, target, residual proposals)
-    run by compiled HeadChains (inductor kernels): tokens still distributed as target-only sampling."""
-    from test_speculative_exact import models, spec_vs_target
+    run by compiled HeadChains (inductor kernels): tokens still distributed as target-only sampling; and its broken
+    control, the relaxed rule on the same compiled chains, is rejected."""
+    from test_speculative_exact import RELAXED, models, spec_vs_target
 
     from fastardiff_ds.sampling.speculative import SpecConfig
 
@@ -166,3 +206,6 @@ def test_speculative_decoding_stays_lossless_with_compiled_chains():
     out, p = spec_vs_target(target, draft, SpecConfig(gamma=3, tau=0.5), label="compiled chains")
     assert 0.3 < out.stats.acceptance_rate < 0.8 and out.stats.fallbacks == 0
     assert p > 0.01
+    relaxed = SpecConfig(gamma=3, tau=0.5, relax_temperature=RELAXED)
+    _, p = spec_vs_target(target, draft, relaxed, label="compiled chains BROKEN relaxed")
+    assert p < 0.01
