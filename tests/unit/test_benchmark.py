@@ -125,15 +125,17 @@ def test_compile_rows_and_speedup_over_the_compiled_baseline():
 
 
 def test_draft_decode_of_the_cost_matched_preset_is_a_fraction_of_the_target_decode():
-    """One KV-cached decode of the 1-layer draft vs the 8-layer target at batch 1 (random weights; timing ratio,
-    so only a loose bound is asserted: the measured figure is in the benchmark JSON)."""
-    from fastardiff_ds.benchmark import decode_seconds
+    """A single-token decode costs about 2 x the non-embedding parameters per token (benchmark.flops_per_token):
+    the 1-layer draft of the cost-matched preset holds under 0.2 of the 8-layer target's. A count, not a timing:
+    the measured draft : target seconds are in the benchmark JSON (decode_seconds), which is only run here."""
+    from fastardiff_ds.benchmark import _nonembed, decode_seconds
     from fastardiff_ds.models import build_draft, build_target
 
     cfg = get_preset("tiny-bench")
     torch.manual_seed(0)
     target = build_target(cfg).eval()
     draft = build_draft(cfg, target).eval()
-    t = decode_seconds(target, cfg.model.image.token_dim, tokens=16, repeats=2)
-    d = decode_seconds(draft, cfg.model.image.token_dim, tokens=16, repeats=2)
-    assert 0 < d < 0.6 * t
+    assert (cfg.model.draft.num_layers, cfg.model.ar.num_layers) == (1, 8)
+    ratio = _nonembed(draft) / _nonembed(target)
+    assert 0.1 < ratio < 0.2, ratio
+    assert decode_seconds(draft, cfg.model.image.token_dim, tokens=4, repeats=1) > 0

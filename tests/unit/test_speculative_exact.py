@@ -104,6 +104,20 @@ def _real_models():  # TargetAR / truncated DraftAR / FlowHead (random, non-zero
     return (*build(), SpecConfig(gamma=3), 2 * N_SAMPLES, 3)
 
 
+def _real_models_layernorm():
+    # NextStep's token layer norm, as the NextStep presets run, on real models. With unit-norm tokens fed back the
+    # 1-layer truncated draft is hopeless here (acceptance 0), so the draft is the full-depth copy with its weights
+    # moved by N(0, 0.006^2)
+    from test_speculative_real_models import build
+
+    target, draft = build(draft_layers=3, token_layernorm=True)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in draft.ar.parameters():
+            p.add_(0.006 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return target, draft, SpecConfig(gamma=3), 2 * N_SAMPLES, 3
+
+
 def _eagle():  # feature-level draft reading the target's hidden states, its fuse moved off the truncated draft
     from test_eagle_draft import build
 
@@ -116,7 +130,8 @@ def _eagle():  # feature-level draft reading the target's hidden states, its fus
 
 VARIANTS = {"plain": _plain, "early-stop": _early_stop, "cfg-distilled-draft": _cfg_distilled_draft,
             "nextstep-1.1": _nextstep_1_1, "adaptive": _adaptive, "token-layernorm": _token_layernorm,
-            "real-models": _real_models, "eagle": _eagle}
+            "real-models": _real_models, "real-models-layernorm": _real_models_layernorm,
+            "eagle": _eagle}
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_exact_rule_is_lossless(variant):
     target, draft, spec, rows, num_tokens = VARIANTS[variant]()

@@ -14,13 +14,13 @@ from fastardiff_ds.sampling.noise import make_generators
 SAMPLER = SamplerConfig(kind="sde", num_steps=3, noise_level=1.0)
 
 
-def build():
+def build(draft_layers=1, token_layernorm=False):
     torch.manual_seed(0)
     cfg = ModelConfig(ar=ARConfig(hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=64,
                                   vocab_size=40, max_position_embeddings=128),
                       head=HeadConfig(width=32, depth=2),
                       image=ImageConfig(resolution=8, patch_size=2, channels=1),  # 4-d tokens
-                      draft=DraftConfig(num_layers=1, shallow_layer=0))
+                      draft=DraftConfig(num_layers=draft_layers, shallow_layer=0))
     target = TargetAR(cfg).double().eval()
     draft = DraftAR.from_target(target, cfg).double().eval()
     head = FlowHead(cfg.head, cfg.image.token_dim, cfg.ar.hidden_size).double()
@@ -28,7 +28,8 @@ def build():
         for p in head.parameters():
             p.normal_(0.0, 0.3)
     mode = CFGConfig(scale=2.0)
-    return ARFlow(target, head, SAMPLER, mode), ARFlow(draft, head, SAMPLER, mode)
+    return (ARFlow(target, head, SAMPLER, mode, token_layernorm=token_layernorm),
+            ARFlow(draft, head, SAMPLER, mode, token_layernorm=token_layernorm))
 
 
 def prompts(B=3, T=5):
