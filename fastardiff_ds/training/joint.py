@@ -95,12 +95,16 @@ class JointStep:
             self.export_ema.update(E.ema_decay(self.cfg.train.student_ema_decay, self.step_now))
 
     def _apply_alpha(self, step: int):
-        """Eq. 9's weights at `step`: lr factors set on the engines now, loss factors returned."""
+        """Eq. 9's weights at `step`: lr factors (and the student's stage factor) set on the engines now, loss
+        factors returned."""
         w = eq9_weights(self.alpha(step), self.alpha_mode)
         self.step_now = step
+        # the student's CD -> DMD factor comes from the step number, not from the student's own LambdaLR: its
+        # optimizer-step count lags the step after a skipped step (train.on_nonfinite=skip)
+        stage = {"student": stage_lr_lambda(self.cfg)(step)}
         for name, scale in w.lr.items():
             if name in self.engines:
-                self.engines[name].set_lr_scale(scale)
+                self.engines[name].set_lr_scale(scale * stage.get(name, 1.0))
         log = max(self.cfg.train.log_every, 1)
         self.measure, self.updates = step == 0 or (step + 1) % log == 0, {}  # the steps the trainer logs
         return w
@@ -231,7 +235,8 @@ class JointStep:
 
 
 def stage_lr_lambda(cfg: Config):
-    """Student lr multiplier: lr_student_cd during stage 1, lr_student_dmd after (paper S2.3)."""
+    """Student lr multiplier at training step `step`: lr_student_cd during stage 1, lr_student_dmd after (paper
+    S2.3). JointStep applies it with alpha's factor (set_lr_scale); the student engine's own schedule is flat."""
     ratio = cfg.train.lr_student_dmd / cfg.train.lr_student_cd
     cd = cfg.train.cd_steps
 

@@ -16,7 +16,7 @@ from ..config import Config, to_dict
 from ..models import DraftAR, build_head, build_target, save_pretrained
 from ..schedules.lr import LRSchedule, make_lr_lambda
 from .batch import image_tokens
-from .joint import JointStep, stage_lr_lambda, stage_of
+from .joint import JointStep, stage_of
 from .loop import LoopConfig, Trainer
 from .networks import build_teacher_net, init_networks, load_teacher_state
 from .tau import collect_batches, measure_tau
@@ -30,7 +30,7 @@ def _specs(cfg: Config) -> dict[str, tuple[E.EngineSpec, object]]:
     spec = lambda name, lr: E.EngineSpec(name, lr, tuple(t.betas), weight_decay=t.weight_decay,  # noqa: E731
                                           warmup=t.warmup_steps, schedule="constant")
     return {"draft": (spec("draft", t.lr_draft), flat), "target": (spec("target", t.lr_target), flat),
-            "student": (spec("student", t.lr_student_cd), stage_lr_lambda(cfg)),
+            "student": (spec("student", t.lr_student_cd), make_lr_lambda(LRSchedule("constant"))),  # JointStep: x stage
             "fake": (spec("fake", t.lr_fake), flat)}
 
 

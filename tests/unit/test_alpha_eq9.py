@@ -1,13 +1,14 @@
 """Eq. 9 reaches each engine as written, and α(t) reaches the update sizes.
 
 What is compared. The joint step runs on separate engines (draft, student, target, fake; tests/unit/_ds_like.py,
-DeepSpeed's accumulation semantics) with plain SGD at base lrs η_e. The reference is one plain nn.Module holding
-every network; its loss is Eq. 9's total L = α(L_reg + λ L_ent) + (1 − α) L_dist (mean over the micro-batches of
-one accumulation window), with L_dist's gradient reaching the target AR straight through its features, and
-torch.autograd.grad gives ∇L. Claim, in both alpha modes: each engine's optimizer step equals the SGD step of
-Eq. 9 on the reference, −η_e ∇_e L. In mode "loss" that holds because the engine's gradient is the weighted one
-(draft α∇(L_reg + λL_ent), student and target (1 − α)∇L_dist); in mode "lr" because the gradient is the
-unweighted one and the engine's lr is η_e·α (draft) or η_e·(1 − α) (student, target) -- both are asserted.
+DeepSpeed's accumulation semantics) with plain SGD at base lrs η_e (the student's times its stage factor,
+joint.stage_lr_lambda, in DMD). The reference is one plain nn.Module holding every network; its loss is Eq. 9's
+total L = α(L_reg + λ L_ent) + (1 − α) L_dist (mean over the micro-batches of one accumulation window), with
+L_dist's gradient reaching the target AR straight through its features, and torch.autograd.grad gives ∇L.
+Claim, in both alpha modes: each engine's optimizer step equals the SGD step of Eq. 9 on the reference, −η_e ∇_e L.
+In mode "loss" that holds because the engine's gradient is the weighted one (draft α∇(L_reg + λL_ent), student and
+target (1 − α)∇L_dist); in mode "lr" because the gradient is the unweighted one and the engine's lr is η_e·α
+(draft) or η_e·(1 − α) (student, target) -- both are asserted.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from fastardiff_ds.losses.entropy import entropy_loss
 from fastardiff_ds.losses.regression import feature_regression_loss
 from fastardiff_ds.schedules.alpha import total_loss
 from fastardiff_ds.schedules.timesteps import time_grid
-from fastardiff_ds.training.joint import JointStep, alpha_schedule
+from fastardiff_ds.training.joint import JointStep, alpha_schedule, stage_lr_lambda
 from fastardiff_ds.training.networks import Dispatch, TeacherNet, init_networks
 
 LRS = {"draft": 0.3, "student": 0.2, "target": 0.1, "fake": 0.05}  # distinct, so a swapped lr shows
@@ -137,14 +138,15 @@ def test_engine_steps_equal_the_sgd_step_of_eq9(tiny_cfg, mode, grad_accum, stag
     a = alpha_schedule(cfg)(stage_step)
     weight = {"draft": a, "student": 1 - a, "target": 1 - a}
     for k in trained:
+        eta = LRS[k] * (stage_lr_lambda(cfg)(stage_step) if k == "student" else 1.0)  # the stage's student lr
         rec = engines[k].ds.records
         assert len(rec) == 1, (k, len(rec))  # one optimizer step per accumulation window
         lr_used = rec[0]["lr"][0]
-        expect_lr = LRS[k] * (weight[k] if mode == "lr" else 1.0)
+        expect_lr = eta * (weight[k] if mode == "lr" else 1.0)
         assert lr_used == pytest.approx(expect_lr, rel=1e-12), (k, lr_used, expect_lr)
         upd = torch.cat([(-lr_used * rec[0]["grads"].get(n, torch.zeros_like(g))).flatten()
                          for n, g in ref_grad[k].items()])
-        want = torch.cat([(-LRS[k] * g).flatten() for g in ref_grad[k].values()])
+        want = torch.cat([(-eta * g).flatten() for g in ref_grad[k].values()])
         real = torch.cat([(engines[k].module.state_dict()[n] - before[k][n]).flatten() for n in ref_grad[k]])
         theta = max(float(v.abs().max()) for v in before[k].values())
         err = _rel(upd, want)
