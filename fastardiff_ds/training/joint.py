@@ -53,7 +53,7 @@ class JointStep:
         self.cfg, self.engines, self.teacher = cfg, engines, teacher
         self.rt = rt or E.Runtime()  # the finiteness vote; a world of one without a process group
         self.ema, self.ema_head = ema, head_fn(ema_module)
-        self.export_ema, self.step_now = export_ema, 0
+        self.export_ema, self.step_now, self.skipped = export_ema, 0, set()
         self.uncond_ids, self.uncond_mask = uncond_prompt  # (1, P) ids / mask of the negative ("" = empty) prompt
         self.alpha = alpha_schedule(cfg)
         self.alpha_mode = cfg.train.alpha_mode
@@ -86,6 +86,14 @@ class JointStep:
                                 "train.on_nonfinite=skip to skip such steps")
         return False
 
+    def _skip(self, name: str) -> None:
+        """A loss train.on_nonfinite=skip dropped. With grad_accum > 1 the engine still takes its micro-step, with no
+        backward (this micro-batch adds nothing to the window's gradient), so its accumulation windows stay aligned
+        with the step numbers and the other engines'; at a window's end the others' gradients are applied."""
+        self.skipped.add(name)
+        if self.cfg.train.grad_accum > 1:
+            self._step(name)
+
     def _step(self, name: str) -> None:
         """Step one engine; on logging steps record its relative update size ‖Δθ‖/‖θ‖ as update/<name>."""
         size = E.step_with_update_size(self.engines[name], self.measure)
@@ -98,7 +106,7 @@ class JointStep:
         """Eq. 9's weights at `step`: lr factors (and the student's stage factor) set on the engines now, loss
         factors returned."""
         w = eq9_weights(self.alpha(step), self.alpha_mode)
-        self.step_now = step
+        self.step_now, self.skipped = step, set()
         # the student's CD -> DMD factor comes from the step number, not from the student's own LambdaLR: its
         # optimizer-step count lags the step after a skipped step (train.on_nonfinite=skip)
         stage = {"student": stage_lr_lambda(self.cfg)(step)}
@@ -153,6 +161,8 @@ class JointStep:
             # cond_in.grad already carries the student engine's 1/grad_accum; the target's backward divides again
             e["target"].backward((cond_s.reshape(-1, C) * cond_in.grad).sum() * cfg.train.grad_accum)
             self._step("target")
+        elif "target" in e and "student" in self.skipped:  # L_dist was dropped: the target skips with the student
+            self._skip("target")
         return {**metrics, **self.updates}
 
     def ar_branch(self, ids, mask, tokens, hid_target, weight, step, target_entropy=None, feats=None) -> dict:
@@ -170,6 +180,8 @@ class JointStep:
         if self._check("L_reg + L_ent", loss, step):
             self.engines["draft"].backward(weight * loss)
             self._step("draft")
+        else:
+            self._skip("draft")
         return {**m_reg, **m_ent, "loss/ar": float(loss.detach()), "_draft_entropy": ents}
 
     def _unrolled_reg(self, ids, mask, tokens, hid_target, feats, hidden, l_reg, m_reg):
@@ -195,6 +207,8 @@ class JointStep:
             student.backward(weight * l_cd)
             self._step("student")
             self.ema.update(self.cfg.train.ema_decay)
+        else:
+            self._skip("student")
         return {**m, "loss/dist": float(l_cd.detach())}
 
     def dmd_branch(self, cond_in, guided, weight, step, gen, tokens, B: int) -> dict:
@@ -224,12 +238,16 @@ class JointStep:
             if self._check("L_dmd", l_g, step):
                 student.backward(weight * l_g)
                 self._step("student")
+            else:
+                self._skip("student")
             metrics.update(m)
             metrics["loss/dist"] = float(l_g.detach())
         l_f, m_f = dmd_fake_score_loss(head_fn(fake), x.detach(), cond_in.detach(), gen, config=self.dmd)
         if self._check("L_fake", l_f, step):
             fake.backward(l_f)  # DMD's auxiliary score: outside Eq. 9, never weighted
             self._step("fake")
+        else:
+            self._skip("fake")
         metrics.update(m_f)
         return metrics
 

@@ -159,3 +159,34 @@ def test_deepspeed_engines_match_the_stand_in(world, tiny_cfg):
             print(f"[deepspeed vs stand-in] {k} step {i}: lr={r['lr']:.3e} |grad|={float(b.norm()):.3e} "
                   f"max rel. grad diff={err:.1e}")
             assert float(b.norm()) > 0 and err < 1e-5, (k, i, err)
+
+
+def test_zero3_skip_under_grad_accum_keeps_windows(world, tiny_cfg, tmp_path, monkeypatch):
+    """train.on_nonfinite=skip on real ZeRO-3 engines at grad_accum 2: a NaN L_cd in window 0's first micro-batch
+    and in window 1's last one (the boundary: DeepSpeed steps with no backward in that micro-step). Every engine
+    still steps once per window, and what it applies is finite."""
+    import fastardiff_ds.training.joint as J
+
+    cfg, target, head, nets = _nets(tiny_cfg, grad_accum=2, cd_steps=4, on_nonfinite="skip")
+    base = E.load_ds_config("zero3")
+    ema_module = copy.deepcopy(nets["student"]).requires_grad_(False)
+    engines = {k: E.build_engine(nets[k], E.EngineSpec(k, LRS[k], schedule="constant"), base, micro_batch=2,
+                                 grad_accum=2) for k in ("draft", "fake", "student", "target")}
+    teacher = _teacher(cfg, target, head, base, tmp_path / "teacher.safetensors", 2)
+    step_fn = JointStep(cfg, engines, teacher, E.EMA(engines["student"], ema_module), ema_module, UNCOND)
+    calls, real = [], J.consistency_distillation_loss
+
+    def nan_at(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls.append(1)
+        return (loss + float("nan") if len(calls) in (1, 4) else loss), metrics
+
+    monkeypatch.setattr(J, "consistency_distillation_loss", nan_at)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        for micro in range(2):
+            step_fn(*_batch(cfg, 10 * step + micro), step, gen)
+        steps = {k: e.ds.global_steps for k, e in engines.items() if k != "fake"}
+        assert set(steps.values()) == {step + 1}, (step, steps)
+    for k in ("draft", "student", "target"):
+        assert all(torch.isfinite(p).all() for p in engines[k].master_params()), k
