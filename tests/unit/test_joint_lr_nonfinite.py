@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from _ds_like import FakeDS, Frozen
+from test_train_step import _batch  # the same (ids, mask, tokens) batch
 from fastardiff_ds.engines.engine import Engine, scaled_lr_lambda
 from fastardiff_ds.training import joint as J
 from fastardiff_ds.training.joint import JointStep, NonFiniteLoss, alpha_schedule, stage_lr_lambda, stage_of
@@ -71,13 +72,6 @@ def _setup(tiny_cfg, *, target_ar=False, gen_every=1, alpha_mode="lr", policy="s
     step_fn = JointStep(cfg, engines, teacher, ema, copy.deepcopy(nets["student"]).requires_grad_(False), uncond,
                         export_ema=export)
     return cfg, step_fn, engines, (ema, export)
-
-
-def _batch(cfg, B=2):
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(5, 300, (B, 6), generator=g)
-    tokens = torch.randn(B, cfg.model.image.num_tokens, cfg.model.image.token_dim, generator=g).clamp(-1, 1)
-    return ids, torch.ones_like(ids), tokens
 
 
 # -- 1. stage_lr_lambda ---------------------------------------------------------------------------------------------
