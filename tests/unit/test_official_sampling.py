@@ -93,7 +93,7 @@ def test_nextstep_v1_matches_the_official_loop(K, shift, w):
     fld = VelocityField(head, cond, CFGConfig(scale=w), torch.full((4,), w), uncond)
     ours = sample_tokens(fld, SamplerConfig("nextstep", K, 1.0, shift), noise).token
     ref = official_v1(head, cond, uncond, w, iter(noise.unbind(1)), K, shift)
-    assert (ours - ref).abs().max() < 1e-5, (ours - ref).abs().max()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=5e-5)  # fp32 rounding on chains reaching ~25; eta off by 0.01 moves 0.4
 
 
 @pytest.mark.parametrize("K,shift,eta", [(6, 1.0, 0.8), (4, 3.0, 0.8), (3, 1.0, 1.3)])
@@ -103,7 +103,7 @@ def test_nextstep_v11_matches_the_official_loop(K, shift, eta):
     fld = VelocityField(head, cond, CFGConfig(scale=5.0), torch.full((4,), 5.0), uncond)
     ours = sample_tokens(fld, SamplerConfig("nextstep-1.1", K, eta, shift), noise).token
     ref = official_v11(head, cond, uncond, 5.0, iter(noise.unbind(1)), K, shift, eta)
-    assert (ours - ref).abs().max() < 1e-5, (ours - ref).abs().max()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=5e-5)  # fp32 rounding on chains reaching ~25; eta off by 0.01 moves 0.4
 
 
 @pytest.mark.parametrize("kind", ["nextstep", "nextstep-1.1"])
