@@ -118,6 +118,7 @@ class Engine:
     def __init__(self, ds_engine, spec: EngineSpec, ds_config: dict, mpu=None, lr_scale: list | None = None):
         self.ds, self.spec, self.ds_config, self.mpu = ds_engine, spec, ds_config, mpu
         self._lr_scale = lr_scale  # the one-element box the lr lambda multiplies by (see scaled_lr_lambda)
+        self.dropped = False  # the last step ended a window and DeepSpeed dropped it (non-finite gradients)
 
     @property
     def name(self) -> str:
@@ -139,9 +140,16 @@ class Engine:
             self.ds.backward(loss)
 
     def step(self) -> None:
-        """Optimizer + lr-schedule step (DeepSpeed skips it inside a gradient-accumulation window)."""
+        """Optimizer + lr-schedule step (DeepSpeed skips it inside a gradient-accumulation window).
+
+        Sets ``dropped``: True when this was a window's last micro-step and DeepSpeed discarded the update
+        because the gradients were not finite. Its ZeRO-3 optimizer does so for bf16 too (an inf/NaN global
+        grad norm; DeepSpeed 0.19.8), silently, with no loss scale to lower: the caller decides what a dropped
+        update means (training/joint.py: train.on_nonfinite)."""
+        boundary = self.at_boundary()
         with mpu_scope(self.mpu):
             self.ds.step()
+        self.dropped = boundary and not self.ds.was_step_applied()
 
     @property
     def lr(self) -> float:

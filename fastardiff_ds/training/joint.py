@@ -16,6 +16,8 @@ number only.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .. import engines as E
@@ -29,6 +31,7 @@ from ..schedules.alpha import AlphaSchedule, eq9_weights
 from ..schedules.timesteps import time_grid
 from .networks import head_fn
 
+log = logging.getLogger(__name__)
 
 class NonFiniteLoss(FloatingPointError):
     pass
@@ -54,6 +57,7 @@ class JointStep:
         self.rt = rt or E.Runtime()  # the finiteness vote; a world of one without a process group
         self.ema, self.ema_head = ema, head_fn(ema_module)
         self.export_ema, self.step_now, self.skipped = export_ema, 0, set()
+        self.skips: dict[str, int] = {}  # per network: updates train.on_nonfinite=skip dropped in this process
         self.uncond_ids, self.uncond_mask = uncond_prompt  # (1, P) ids / mask of the negative ("" = empty) prompt
         self.alpha = alpha_schedule(cfg)
         self.alpha_mode = cfg.train.alpha_mode
@@ -76,15 +80,24 @@ class JointStep:
             return v_u + w.to(v.dtype)[:, None] * (v_c - v_u)
         return fn
 
-    def _check(self, name: str, value: torch.Tensor, step: int) -> bool:
-        """All ranks agree on whether a loss is finite (a rank-local decision would desynchronise ZeRO-3)."""
+    def _check(self, loss: str, value: torch.Tensor, step: int, net: str) -> bool:
+        """All ranks agree on whether the loss `loss` of network `net` is finite (a rank-local decision would
+        desynchronise ZeRO-3)."""
         if self.rt.all_finite(value):  # flag made on the loss's device, reduced on the communication device
             return True
-        if self.cfg.train.on_nonfinite == "stop":
-            raise NonFiniteLoss(f"loss '{name}' is not finite at step {step}: stopping (train.on_nonfinite=stop). "
-                                "The last checkpoint is intact; lower the learning rates or set "
-                                "train.on_nonfinite=skip to skip such steps")
+        self._nonfinite(f"loss '{loss}' of network '{net}' is not finite at step {step}", net)
         return False
+
+    def _nonfinite(self, what: str, net: str) -> None:
+        """train.on_nonfinite: stop with `what`, or count the dropped update of `net` and warn naming it."""
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"{what}: stopping (train.on_nonfinite=stop). The last checkpoint is intact; lower "
+                                "the learning rates (bf16: check for overflowing activations) or set "
+                                "train.on_nonfinite=skip to skip such updates")
+        self.skips[net] = self.skips.get(net, 0) + 1
+        if self.rt.is_rank0:
+            log.warning("%s: update of '%s' skipped (train.on_nonfinite=skip; %d so far for '%s', metric "
+                        "nonfinite/%s)", what, net, self.skips[net], net, net)
 
     def _skip(self, name: str) -> None:
         """A loss train.on_nonfinite=skip dropped. With grad_accum > 1 the engine still takes its micro-step, with no
@@ -95,8 +108,16 @@ class JointStep:
             self._step(name)
 
     def _step(self, name: str) -> None:
-        """Step one engine; on logging steps record its relative update size ‖Δθ‖/‖θ‖ as update/<name>."""
+        """Step one engine; on logging steps record its relative update size ‖Δθ‖/‖θ‖ as update/<name>. An update
+        DeepSpeed dropped for non-finite gradients (a finite loss whose backward overflowed: bf16) goes through
+        train.on_nonfinite like a non-finite loss (the ranks agree: DeepSpeed's grad norm is all-reduced)."""
         size = E.step_with_update_size(self.engines[name], self.measure)
+        if getattr(self.engines[name], "dropped", False):
+            if name not in self.skipped:
+                self._nonfinite(f"the gradients of network '{name}' are not finite at step {self.step_now} (its loss "
+                                f"was finite: the backward overflowed) and DeepSpeed dropped the update", name)
+            self.skipped.add(name)
+            size = None
         if size is not None:
             self.updates[f"update/{name}"] = size
         if name == "student" and self.export_ema is not None:  # decay from the step number: resumes continue it
@@ -163,7 +184,7 @@ class JointStep:
             self._step("target")
         elif "target" in e and "student" in self.skipped:  # L_dist was dropped: the target skips with the student
             self._skip("target")
-        return {**metrics, **self.updates}
+        return {**metrics, **self.updates, **{f"nonfinite/{n}": float(self.skips.get(n, 0)) for n in e}}
 
     def ar_branch(self, ids, mask, tokens, hid_target, weight, step, target_entropy=None, feats=None) -> dict:
         """L_reg + lambda_ent * (L_ent, or the entropy alignment loss when `target_entropy` (B,N) is given).
@@ -177,7 +198,7 @@ class JointStep:
         else:
             l_ent, m_ent, ents = entropy_alignment_loss(out.attn_probs, target_entropy, out.attn_valid)
         loss = l_reg + self.cfg.train.lambda_ent * l_ent
-        if self._check("L_reg + L_ent", loss, step):
+        if self._check("L_reg + L_ent", loss, step, "draft"):
             self.engines["draft"].backward(weight * loss)
             self._step("draft")
         else:
@@ -203,7 +224,7 @@ class JointStep:
         student = self.engines["student"]
         l_cd, m = consistency_distillation_loss(head_fn(student), self.ema_head, guided, tokens, cond_in, gen,
                                                 config=self.cd)
-        if self._check("L_cd", l_cd, step):
+        if self._check("L_cd", l_cd, step, "student"):
             student.backward(weight * l_cd)
             self._step("student")
             self.ema.update(self.cfg.train.ema_decay)
@@ -235,7 +256,7 @@ class JointStep:
                                                        config=self.cd, guidance=w)
                 m["dmd/reg_loss"] = float(l_r.detach())
                 l_g = l_g + t.dmd_reg_weight * l_r
-            if self._check("L_dmd", l_g, step):
+            if self._check("L_dmd", l_g, step, "student"):
                 student.backward(weight * l_g)
                 self._step("student")
             else:
@@ -243,7 +264,7 @@ class JointStep:
             metrics.update(m)
             metrics["loss/dist"] = float(l_g.detach())
         l_f, m_f = dmd_fake_score_loss(head_fn(fake), x.detach(), cond_in.detach(), gen, config=self.dmd)
-        if self._check("L_fake", l_f, step):
+        if self._check("L_fake", l_f, step, "fake"):
             fake.backward(l_f)  # DMD's auxiliary score: outside Eq. 9, never weighted
             self._step("fake")
         else:

@@ -3,7 +3,8 @@
 `FakeDS` has the semantics the joint step relies on (checked against real DeepSpeed engines in
 tests/unit/test_joint_deepspeed.py): backward(loss) accumulates the gradient of loss / grad_accum; step() is a
 no-op inside an accumulation window and at its boundary steps the optimizer, then the LambdaLR, then zeroes the
-gradients. Every optimizer step is recorded: the lr of each group and the accumulated gradients it used.
+gradients; non-finite gradients drop the update (DeepSpeed's ZeRO-3 rule, `was_step_applied` False). Every
+optimizer step is recorded: the lr of each group and the accumulated gradients it used.
 The wrapper is the real `Engine`, so `set_lr_scale`, `lr`, `at_boundary` and `master_params` are the code
 under test.
 """
@@ -18,6 +19,7 @@ class FakeDS:
     def __init__(self, module, optimizer, lr_lambda, grad_accum: int):
         self.module, self.optimizer, self.gas, self.micro_steps = module, optimizer, grad_accum, 0
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.applied = False
         self.records = []  # per optimizer step: {"lr": [...], "grads": {name: accumulated grad}}
 
     def __call__(self, *args, **kwargs):
@@ -30,13 +32,19 @@ class FakeDS:
         return (self.micro_steps + 1) % self.gas == 0
 
     def step(self):
+        self.applied = False
         if self.is_gradient_accumulation_boundary():
             grads = {n: p.grad.clone() for n, p in self.module.named_parameters() if p.grad is not None}
-            self.records.append({"lr": [g["lr"] for g in self.optimizer.param_groups], "grads": grads})
-            self.optimizer.step()
-            self.lr_scheduler.step()
+            self.applied = all(bool(torch.isfinite(g).all()) for g in grads.values())
+            if self.applied:  # as DeepSpeed's ZeRO-3: non-finite gradients drop the update (and the lr step)
+                self.records.append({"lr": [g["lr"] for g in self.optimizer.param_groups], "grads": grads})
+                self.optimizer.step()
+                self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.micro_steps += 1
+
+    def was_step_applied(self) -> bool:
+        return self.applied
 
     def get_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]

@@ -8,8 +8,10 @@ so the lr the optimizer really uses at each step is the trainer's.
 Branches with their own check (joint.py `_check`): the AR branch ("L_reg + L_ent", draft), consistency
 distillation ("L_cd", student + the CD target's EMA), the DMD generator ("L_dmd", student) and the DMD fake score
 ("L_fake", fake). A trained target AR (train.target_ar) is stepped through the surrogate of L_dist, so it must skip
-with the student. The code provides no skip counter or warning: the step's metrics carry the non-finite loss value
-(loss/ar, loss/dist, fake/loss), which is what the logger shows.
+with the student. A skipped update is counted per network (metric nonfinite/<network>, with a warning naming it), and
+the step's metrics carry the non-finite loss value (loss/ar, loss/dist, fake/loss). A finite loss whose backward
+overflows (bf16) makes DeepSpeed drop the update; the stand-in does the same (`FakeDS`), and the policy applies to it
+too (on real bf16 ZeRO-3 engines: tests/unit/test_bf16_overflow.py).
 """
 from __future__ import annotations
 
@@ -213,6 +215,7 @@ def test_skip_leaves_the_branch_engine_untouched_and_the_next_step_proceeds(tiny
     m = step_fn(ids, mask, tokens, bad, gen)  # the poisoned step: no exception under skip
 
     assert not math.isfinite(m[key])  # the non-finite value is reported in the step's metrics
+    assert {k: m[f"nonfinite/{k}"] for k in engines} == {k: float(k == victim) for k in engines}  # per network
     for k, e in engines.items():
         if k in skipped:
             assert _same_state(e, snaps[k]), f"{k}: the skipped step changed its weights / optimizer / schedule"
@@ -225,7 +228,7 @@ def test_skip_leaves_the_branch_engine_untouched_and_the_next_step_proceeds(tiny
 
     snaps = {k: _snapshot(e) for k, e in engines.items()}
     m = step_fn(ids, mask, tokens, bad + 1, gen)  # the next, finite step proceeds normally
-    assert math.isfinite(m[key])
+    assert math.isfinite(m[key]) and m[f"nonfinite/{victim}"] == 1.0  # the count is cumulative
     assert victim in _steppers(cfg, bad + 1)
     for k in _steppers(cfg, bad + 1):
         e = engines[k]
@@ -247,7 +250,8 @@ def test_stop_raises_a_named_error_before_touching_the_engine(tiny_cfg, monkeypa
     for step in range(bad):
         step_fn(ids, mask, tokens, step, gen)
     snap = _snapshot(engines[victim])
-    with pytest.raises(NonFiniteLoss, match=re.escape(f"loss '{name}' is not finite at step {bad}")) as err:
+    said = f"loss '{name}' of network '{victim}' is not finite at step {bad}"
+    with pytest.raises(NonFiniteLoss, match=re.escape(said)) as err:
         step_fn(ids, mask, tokens, bad, gen)
     assert "train.on_nonfinite=stop" in str(err.value) and "train.on_nonfinite=skip" in str(err.value)
     assert isinstance(err.value, FloatingPointError)
@@ -281,3 +285,37 @@ def test_skip_under_grad_accum_keeps_the_windows_aligned(tiny_cfg, monkeypatch):
     # the skipped micro-batch added nothing: window 0's student gradient is the second micro-batch's alone
     first = engines["student"].ds.records[0]["grads"]
     assert first and all(torch.isfinite(g).all() for g in first.values())
+
+
+class _InfGrad(torch.autograd.Function):
+    """The identity in the forward, gradients times inf in the backward: a finite loss whose backward overflows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+@pytest.mark.parametrize("branch", list(BRANCHES))
+def test_overflowing_backward_goes_through_the_policy(tiny_cfg, monkeypatch, branch, policy):
+    fn_name, victim, bad, _, _ = BRANCHES[branch]
+    cfg, step_fn, engines, _ = _setup(tiny_cfg, policy=policy)
+    real = getattr(J, fn_name)
+    monkeypatch.setattr(J, fn_name, lambda *a, **k: (lambda loss, m: (
+        _InfGrad.apply(loss) if step_fn.step_now == bad else loss, m))(*real(*a, **k)))
+    ids, mask, tokens = _batch(cfg)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(bad):
+        step_fn(ids, mask, tokens, step, gen)
+    snap = _snapshot(engines[victim])
+    if policy == "stop":
+        with pytest.raises(NonFiniteLoss, match=f"gradients of network '{victim}' are not finite at step {bad}"):
+            step_fn(ids, mask, tokens, bad, gen)
+    else:
+        m = step_fn(ids, mask, tokens, bad, gen)
+        assert m[f"nonfinite/{victim}"] == 1.0 and f"update/{victim}" not in m
+    assert _same_state(engines[victim], snap) and _finite(engines[victim])  # the update was dropped
