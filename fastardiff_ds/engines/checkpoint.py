@@ -211,8 +211,12 @@ def load_checkpoint(ckpt: str | Path, engines: Mapping[str, object], *,
     (rank 0's saved state, r), so no two ranks draw the same noise; the returned dict then also holds
     ``"peers"``: every saved rank's client state in rank order (for the data cursor, see
     ``StreamingLoader.resume_from``).
+
+    Nothing is unpickled before ``ckpt`` matches its manifest (verified here unless ``resolve_resume`` did in
+    this process; trusted.py): a missing, tampered or unlisted file raises ``UntrustedCheckpoint`` naming it.
     """
     from fastardiff_ds.engines.reshard import load_resharded
+    from fastardiff_ds.engines.trusted import ensure_verified, load_client
 
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
@@ -228,6 +232,8 @@ def load_checkpoint(ckpt: str | Path, engines: Mapping[str, object], *,
                     "will not save them (its config differs from the one that saved the checkpoint)", ckpt, unused)
     saved_world, rank = manifest["world_size"], get_rank()
     same = saved_world == get_world_size()
+    clients = [_client_file(ckpt, r) for r in (range(saved_world) if not same else [rank])]
+    ensure_verified(ckpt)  # collective; before anything is unpickled, DeepSpeed's own load included (trusted.py)
     for name in sorted(engines):
         if same:
             engines[name].load(str(ckpt), tag=name, load_optimizer=load_optimizer)
@@ -235,7 +241,7 @@ def load_checkpoint(ckpt: str | Path, engines: Mapping[str, object], *,
             load_resharded(engines[name], ckpt / name, saved_world, load_optimizer=load_optimizer)
     for name in sorted(modules or {}):
         load_gathered_state_dict(modules[name], ckpt / "modules" / f"{name}.safetensors")
-    saved = [_client_file(ckpt, r) for r in (range(saved_world) if not same else [rank])]
+    saved = [load_client(path, ckpt) for path in clients]
     mine = saved[0] if same else saved[rank] if rank < saved_world else saved[0]
     if restore_rng and (same or rank < saved_world):
         restore_rng_state(mine["rng"])
@@ -262,8 +268,8 @@ def _seed_new_rank(rng0: dict, rank: int) -> None:
     torch.manual_seed(seed)
 
 
-def _client_file(ckpt: Path, rank: int) -> dict:
+def _client_file(ckpt: Path, rank: int) -> Path:
     path = ckpt / "client" / f"rank_{rank:05d}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint {ckpt} is incomplete; resume from an older one")
-    return torch.load(path, weights_only=False)
+    return path

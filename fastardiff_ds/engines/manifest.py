@@ -116,7 +116,8 @@ def verify(ckpt: Path, deep: bool = True) -> list[str]:
         return [str(e)]
     if "files" not in manifest:
         return structural_problems(ckpt)
-    problems, present = [], {}
+    _VERIFIED.pop(_key(ckpt), None)
+    problems, present, stats = [], {}, {MANIFEST: stat_of(ckpt / MANIFEST)}
     for name, entry in sorted(manifest["files"].items()):
         path = ckpt / name
         if not path.is_file():
@@ -125,7 +126,7 @@ def verify(ckpt: Path, deep: bool = True) -> list[str]:
             problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['size']} (truncated "
                             f"or overwritten)")
         else:
-            present[name] = entry
+            present[name], stats[name] = entry, stat_of(path)  # stat before hashing: a later change shows
     if deep:
         algo = manifest.get("hash", HASH)
         if algo != HASH:
@@ -134,7 +135,33 @@ def verify(ckpt: Path, deep: bool = True) -> list[str]:
         bad = [n for n in mine if file_digest(ckpt / n) != present[n][HASH]]
         problems += [f"{ckpt / n}: checksum differs from the manifest (corrupted)"
                      for n in sorted(sum(all_gather_object(bad), []))]
+        if not problems:
+            _VERIFIED[_key(ckpt)] = {"files": present, "stats": stats}
     return problems
+
+
+# Checkpoints whose every file matched its checksum in this process (deep ``verify``), with each file's
+# (size, mtime, inode) when it was checked: the pickles in them may be loaded (trusted.py) while unchanged.
+_VERIFIED: dict[str, dict] = {}
+
+
+def _key(ckpt: Path) -> str:
+    return str(Path(ckpt).resolve())
+
+
+def stat_of(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def verified_record(ckpt: Path) -> dict | None:
+    """``{"files": manifest entries, "stats": {relpath: stat_of}}`` of ``ckpt`` if a deep ``verify`` in this
+    process found it intact and its manifest has not changed since (a re-save makes a new record necessary)."""
+    rec = _VERIFIED.get(_key(ckpt))
+    try:
+        return rec if rec is not None and stat_of(Path(ckpt) / MANIFEST) == rec["stats"][MANIFEST] else None
+    except OSError:
+        return None
 
 
 def structural_problems(ckpt: Path) -> list[str]:

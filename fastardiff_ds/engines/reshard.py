@@ -38,8 +38,11 @@ def optim_files(engine_dir: Path, world: int) -> list[Path]:
     return [found[r] for r in range(world)]
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+def _load(path: Path, ckpt: Path) -> dict:
+    """A ZeRO file, memory-mapped; full unpickling, so only from a verified checkpoint (trusted.py)."""
+    from fastardiff_ds.engines.trusted import load_verified
+
+    return load_verified(path, ckpt, map_location="cpu", mmap=True)
 
 
 class _OldLayout:
@@ -101,10 +104,13 @@ def load_resharded(engine, engine_dir: str | Path, old_world: int, load_optimize
                          f"or without NVMe offload")
     import torch.distributed as dist
 
+    from fastardiff_ds.engines.trusted import ensure_verified
+
+    ensure_verified(engine_dir.parent)  # collective; after load_checkpoint's own check, one stat per file
     opt = ds.optimizer
     rank, world = dist.get_rank(group=opt.dp_process_group), dist.get_world_size(group=opt.dp_process_group)
-    optim = [_load(f) for f in optim_files(engine_dir, old_world)]
-    model = [_load(engine_dir / MODEL_FMT.format(r)) for r in range(old_world)]
+    optim = [_load(f, engine_dir.parent) for f in optim_files(engine_dir, old_world)]
+    model = [_load(engine_dir / MODEL_FMT.format(r), engine_dir.parent) for r in range(old_world)]
     zero_sd = [o["optimizer_state_dict"] for o in optim]  # ZeRO-3's own dict: fp32 flats + the base optimizer's
     shapes = {k: v for group in model[0]["param_shapes"] for k, v in group.items()}
     names = ds.param_names  # param -> name, as DeepSpeed wrote them into param_shapes

@@ -12,10 +12,17 @@ Official steps (stepfun-ai/NextStep-1 `pipeline_nextstep.py`: `_build_captions`,
 So a Llama-style tokenizer (adds BOS) gives `<bos> text <|image_area|> h*w <|begin_of_image|>`; one without BOS
 gives `text <|image_area|> h*w <|begin_of_image|>`. The tiny preset uses a sentencepiece model trained on the
 synthetic captions (`assets/tokenizer/shapes_sp.model`, made by `data_pipelines/train_tokenizer.py`; no BOS); real
-presets use `transformers.AutoTokenizer` from a local folder.
+presets use a transformers tokenizer from a local folder.
+
+Why not `AutoTokenizer`: it first resolves the folder's `config.json`, and a published NextStep-1.1 folder names its
+own Python files there (`auto_map`), so in a terminal transformers asks "Do you wish to run the custom code? [y/N]"
+and, on `y`, imports code from the download. We never run code from a folder: the class comes from
+`tokenizer_config.json`'s `tokenizer_class`, must be one of transformers' own tokenizers (`hf_tokenizer_class`), is
+built directly with `trust_remote_code=False`, and `auto_map` is ignored.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -132,9 +139,7 @@ def load_text_tokenizer(cfg: TextConfig) -> TextTokenizer:
         token_id = lambda t: (lambda i: None if i == unk else i)(sp.piece_to_id(t))  # noqa: E731
         return TextTokenizer(cfg, lambda s: sp.encode(s), token_id, sp.get_piece_size(), str(path))  # no BOS
     if cfg.tokenizer == "hf":
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = load_hf_tokenizer(path)
         if cfg.add_special_tokens:
             tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t != PAD],
                                     "pad_token": PAD})
@@ -142,6 +147,62 @@ def load_text_tokenizer(cfg: TextConfig) -> TextTokenizer:
         return TextTokenizer(cfg, lambda s: tok.encode(s, add_special_tokens=False), vocab.get, len(tok), str(path),
                              call=lambda s: _hf_call(tok, s), bos_token=tok.bos_token)
     raise ValueError(f"model.text.tokenizer='{cfg.tokenizer}' is not one of: sentencepiece, hf")
+
+
+# tokenizer_class values that are not in transformers' per-model registry but are its own generic classes
+GENERIC_HF_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend", "PreTrainedTokenizer", "PythonBackend")
+
+
+def hf_tokenizer_class(name: str, source: Path):
+    """transformers' own tokenizer class called `name` (a `tokenizer_class` value), else a ValueError naming the
+    file: only classes transformers ships (its tokenizer registry and generic classes), never one from a folder."""
+    import transformers
+    from transformers import PreTrainedTokenizerBase
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    known = set(GENERIC_HF_TOKENIZERS)
+    for v in TOKENIZER_MAPPING_NAMES.values():  # transformers 4.x: (slow, fast) pairs; 5.x: one name
+        known.update(x for x in (v if isinstance(v, (tuple, list)) else (v,)) if x)
+    base = name.removesuffix("Fast") if isinstance(name, str) else name
+    cls = None
+    if isinstance(name, str) and (name in known or base in known):
+        cls = getattr(transformers, name, None) or getattr(transformers, base, None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase)
+            and cls.__module__.startswith("transformers.")):
+        raise ValueError(f"{source}: tokenizer_class={name!r} is not a tokenizer transformers ships (custom "
+                         "tokenizer code in a folder is never run): set tokenizer_class to the transformers class "
+                         "the tokenizer files fit, e.g. Qwen2Tokenizer, LlamaTokenizerFast or "
+                         "PreTrainedTokenizerFast (any tokenizer.json)")
+    return cls
+
+
+def _byte_level_llama(cls, path: Path):
+    """As AutoTokenizer (transformers 5): a `LlamaTokenizer` whose tokenizer.json is byte-level (Llama 3 style) is
+    loaded as the generic class, since LlamaTokenizer rebuilds a Metaspace tokenizer."""
+    import transformers
+
+    generic = getattr(transformers, "TokenizersBackend", None)
+    if generic is None or cls.__name__ != "LlamaTokenizer" or not (path / "tokenizer.json").is_file():
+        return cls
+    return generic if generic._tokenizer_json_has_byte_level(str(path), local_files_only=True) else cls
+
+
+def load_hf_tokenizer(path: Path):
+    """The folder's tokenizer, its class from tokenizer_config.json (`hf_tokenizer_class`); runs no folder code."""
+    cfg_file = path / "tokenizer_config.json"
+    try:
+        tok_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_file} is unreadable ({type(e).__name__}: {e}): restore the file from the "
+                         "download") from None
+    name = tok_cfg.get("tokenizer_class") if isinstance(tok_cfg, dict) else None
+    if name is None:
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError(f"{path}: no tokenizer_class in {cfg_file.name} and no tokenizer.json: point "
+                             "model.text.path at a tokenizer folder (tokenizer_config.json + tokenizer files)")
+        name = "PreTrainedTokenizerFast"
+    cls = _byte_level_llama(hf_tokenizer_class(name, cfg_file), path)
+    return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
 def _hf_call(tok, text: str) -> list[int]:
