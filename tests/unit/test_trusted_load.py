@@ -210,3 +210,19 @@ def test_only_the_verified_loader_unpickles_fully():
     assert not bad, ("full unpickling outside fastardiff_ds/engines/trusted.py::load_verified (load with "
                      "weights_only=True, or a checkpoint's files through trusted.load_verified):\n" + "\n".join(bad))
     assert "weights_only=False" in (ROOT / ALLOWED[0]).read_text()  # the exempt function exists
+
+
+def test_checksums_added_to_a_format_1_checkpoint_make_it_loadable(tmp_path, capsys):
+    """The fix the format-1 refusal names: `python -m fastardiff_ds.engines.trusted DIR`, then it loads."""
+    from fastardiff_ds.engines.trusted import main
+
+    ckpt = _ckpt(tmp_path, manifest="legacy")
+    with pytest.raises(FileNotFoundError, match="no checksums"):
+        load_checkpoint(ckpt, {})
+    main([str(ckpt)])
+    assert json.loads(capsys.readouterr().out) == {"checkpoint": str(ckpt), "checksums_added": True}
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["version"] == 2 and manifest["world_size"] == 1 and "client/rank_00000.pt" in manifest["files"]
+    assert load_checkpoint(ckpt, {}) == {"step": 3, "rank": 0}
+    main([str(ckpt)])
+    assert json.loads(capsys.readouterr().out)["checksums_added"] is False
