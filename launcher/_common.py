@@ -1,8 +1,16 @@
-"""Helpers shared by the launchers (kept out of the library: they touch files and the console)."""
+"""Helpers shared by the launchers (kept out of the library: they touch files and the console).
+
+`prepare_run` first claims the run dir, before any data, model or engine exists: every rank checks that it can
+write there (a read-only run_dir otherwise fails at the first checkpoint, maybe hours in), and rank 0 takes the
+one-job-per-run_dir lock (fastardiff_ds/engines/run_lock.py). The verdicts are gathered, so every rank stops
+with the same one-line error and none waits in a barrier for a rank that already left.
+"""
 from __future__ import annotations
 
 import json
 import os
+import socket
+import tempfile
 from pathlib import Path
 
 from fastardiff_ds.config import Config
@@ -32,11 +40,47 @@ SAMPLE_PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a phot
                   "a photo of a circle above a diamond", "a photo of a red triangle and a yellow square"]
 
 
+def writable_problem(folder: str | Path, setting: str) -> str | None:
+    """None if `folder` can be created and written (a file created and removed there), else one line naming
+    `setting` and the fix."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe."):
+            pass
+    except OSError as e:
+        return (f"{setting} {folder} is not writable ({e.strerror or e}): pick a writable folder with "
+                f"{setting}=PATH (or fix its permissions / remount it read-write)")
+    return None
+
+
+def claim_run_dir(cfg: Config, rt):
+    """Every rank: run_dir is writable; rank 0: takes the run_dir lock. Raises SystemExit with one line on every
+    rank when any rank failed; returns the lock (rank 0) or None."""
+    from fastardiff_ds.engines.run_lock import RunDirLocked, RunLock
+
+    problem, lock = writable_problem(cfg.run_dir, "run_dir"), None
+    if problem is None and rt.is_rank0:
+        try:
+            lock = RunLock(cfg.run_dir).acquire()
+        except (RunDirLocked, OSError) as e:
+            problem = str(e)
+    verdicts = rt.all_gather_object(problem and f"{problem} [rank {rt.rank} on {socket.gethostname()}]")
+    failed = [v for v in verdicts if v]
+    if failed:
+        if lock is not None:
+            lock.release()
+        raise SystemExit(f"error: {failed[0]}")
+    return lock
+
+
 def prepare_run(cfg: Config, rt):
-    """Rank 0 writes the data (tiny presets) and the resolved config; then every rank builds the tokenizers."""
+    """Claim run_dir (writable, not in use); rank 0 writes the data (tiny presets) and the resolved config; then
+    every rank builds the tokenizers."""
     from fastardiff_ds.cli import text_and_image_tokenizers
     from fastardiff_ds.config import save_config
 
+    claim_run_dir(cfg, rt)
     if rt.is_rank0:
         ensure_shapes_data(cfg)
         save_config(cfg, Path(cfg.run_dir) / "config.json")

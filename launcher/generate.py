@@ -29,6 +29,9 @@ from fastardiff_ds.config import resolve_config
 from fastardiff_ds.inference import MODES, Pipeline, load_pipeline, random_init_bundle
 from fastardiff_ds.visual import make_grid
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import writable_problem  # noqa: E402
+
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +68,10 @@ def main(argv=None):
     if a.ckpt is None and not a.random_init:
         sys.exit("error: no --ckpt given. Pass --ckpt PATH (e.g. assets/tiny_teacher), or --random-init to run "
                  "randomly initialised weights (the images will be noise)")
+    out = Path(a.out)
+    problem = writable_problem(out, "--out")  # before the (slow) model load, not after the images are made
+    if problem:
+        sys.exit(f"error: {problem}")
     try:
         if a.random_init:
             cfg = resolve_config(a.preset or "tiny", overrides=a.overrides)
@@ -74,8 +81,6 @@ def main(argv=None):
             pipe = load_pipeline(a.ckpt, a.preset, a.mode, a.overrides)
     except (FileNotFoundError, ValueError, KeyError) as e:  # bad folder / config / override / VAE: say what and how
         sys.exit(f"error: {e}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = [(p, a.seed + i * a.num_images + j) for i, p in enumerate(prompts) for j in range(a.num_images)]
     bs = max(1, pipe.inf.batch_size)
     images, t0 = [], time.time()

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fastardiff_ds.engines.dist import barrier, get_rank, get_world_size, is_rank0
+from fastardiff_ds.engines.dist import all_gather_object, barrier, get_rank, get_world_size, is_rank0
 from fastardiff_ds.engines.export import gathered_state_dict, load_gathered_state_dict
-from fastardiff_ds.engines.manifest import (MANIFEST, atomic_write, hash_files, read_manifest, verify,
-                                            write_manifest)
+from fastardiff_ds.engines.manifest import (MANIFEST, HashingError, atomic_write, hash_files, read_manifest,
+                                            verify, write_manifest)
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -62,6 +62,11 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class CheckpointSaveError(OSError):
+    """A save failed on some rank (a full disk, a quota, a read-only mount); the same error on every rank.
+    The previous checkpoint and ``latest`` are untouched and the partial step dir is removed."""
+
+
 def save_checkpoint(root: str | Path, step: int, engines: Mapping[str, object], *, client_state: dict,
                     config: dict | None = None, modules: Mapping[str, nn.Module] | None = None,
                     keep_last: int | None = 3) -> Path:
@@ -70,34 +75,149 @@ def save_checkpoint(root: str | Path, step: int, engines: Mapping[str, object], 
     ``engines``: name -> ``Engine`` (weights, optimizer, lr schedule via DeepSpeed).
     ``client_state``: this rank's train state (step, stage, consumed samples, data cursor, W&B id...).
     ``modules``: frozen modules saved as gathered weights (EMA); ``keep_last``: rotation (None = keep all).
+
+    A failed write (``OSError``: ENOSPC, EDQUOT, EROFS...) on any rank raises ``CheckpointSaveError`` on every
+    rank after the ranks voted, naming the folder, the free bytes and the bytes a checkpoint needs.
     """
     root = Path(root)
     ckpt = root / step_tag(step)
+    error = _first_error(lambda: _make_step_dir(ckpt))
+    _raise_if_any_failed(root, ckpt, error)
+    errors = [_save_engine(engines[name], ckpt, name) for name in sorted(engines)]
+    for name in sorted(modules or {}):
+        sd = gathered_state_dict(modules[name])  # collective: every rank, even after a failed write
+        errors.append(_first_error(lambda: _save_module(ckpt, name, sd)))
+    errors.append(_first_error(lambda: _save_client_files(ckpt, client_state, config)))
+    # the vote doubles as the barrier: every rank has written (or failed) every file before they are hashed
+    _raise_if_any_failed(root, ckpt, next((e for e in errors if e), None))
+    try:  # collective: each rank hashes and fsyncs a share (a network file system may report ENOSPC only here)
+        files = hash_files(ckpt, fsync=True)
+    except HashingError as e:  # raised on every rank alike: vote with each rank's own part, commit nothing
+        _raise_if_any_failed(root, ckpt, e.by_rank.get(get_rank()))
+    error = _first_error(lambda: _commit(root, ckpt, step, engines, modules, files)) if is_rank0() else None
+    _raise_if_any_failed(root, ckpt, error)  # also the closing barrier
+    if is_rank0() and keep_last:
+        rotate(root, keep_last)  # only after the new checkpoint is complete and named by `latest`
+    barrier()
+    return ckpt
+
+
+# torch.save reports a failed write (a full disk) as a RuntimeError from its C++ zip writer, not as an OSError
+_TORCH_WRITE_FAILURES = ("iostream error", "PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
+def _write_error(e: BaseException) -> str | None:
+    """One line describing ``e`` if it is a failed write (kept for the vote); None for anything else (a bug)."""
+    if isinstance(e, OSError):
+        return f"{type(e).__name__}: {e}"
+    if isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES):
+        return f"torch.save could not write ({str(e).strip().splitlines()[0]}: a full disk or quota?)"
+    if type(e).__name__ == "SafetensorError" and "I/O error" in str(e):  # safetensors' own error type
+        return f"safetensors could not write: {e}"
+    return None
+
+
+def _first_error(fn) -> str | None:
+    """Run ``fn``; a failed write becomes its one-line description, anything else raises."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 -- re-raised unless it is a failed write
+        if (message := _write_error(e)) is None:
+            raise
+        return message
+    return None
+
+
+def _make_step_dir(ckpt: Path) -> None:
     if is_rank0():
         if ckpt.exists():  # re-saving a step (after a fallback): stale files of another world size must go
             shutil.rmtree(ckpt)
         ckpt.mkdir(parents=True)
-    barrier()
-    for name in sorted(engines):
-        engines[name].save(str(ckpt), tag=name)
-    for name in sorted(modules or {}):
-        sd = gathered_state_dict(modules[name])
-        if is_rank0():
-            from safetensors.torch import save_file
 
-            (ckpt / "modules").mkdir(exist_ok=True)
-            save_file(sd, str(ckpt / "modules" / f"{name}.safetensors"))
-    _save_client_files(ckpt, client_state, config)
-    barrier()  # every rank has written every file before they are hashed
-    files = hash_files(ckpt, fsync=True)  # collective: each rank hashes (and fsyncs) a share
+
+def _save_engine(engine, ckpt: Path, name: str) -> str | None:
+    """``engine.save`` on this rank. DeepSpeed's save_checkpoint runs its collectives (a barrier, the tag check)
+    before its first write and one barrier after its last, so a rank whose write failed stands in for that closing
+    barrier: the ranks stay in step and the failure is voted on afterwards instead of hanging a barrier."""
+    try:
+        engine.save(str(ckpt), tag=name)
+    except Exception as e:  # noqa: BLE001 -- re-raised unless it is a failed write
+        if (message := _write_error(e)) is None:
+            raise
+        barrier()
+        return message
+    return None
+
+
+def _save_module(ckpt: Path, name: str, sd: dict) -> None:
     if is_rank0():
-        write_manifest(ckpt, {"step": step, "engines": sorted(engines), "modules": sorted(modules or {}),
-                              "world_size": get_world_size()}, files)
-        atomic_write(root / LATEST, ckpt.name)
-        if keep_last:
-            rotate(root, keep_last)
+        from safetensors.torch import save_file
+
+        (ckpt / "modules").mkdir(exist_ok=True)
+        save_file(sd, str(ckpt / "modules" / f"{name}.safetensors"))
+
+
+def _commit(root: Path, ckpt: Path, step: int, engines: Mapping, modules: Mapping | None, files: dict) -> None:
+    """Rank 0: the manifest marks the checkpoint complete, then ``latest`` names it (both atomic)."""
+    write_manifest(ckpt, {"step": step, "engines": sorted(engines), "modules": sorted(modules or {}),
+                          "world_size": get_world_size()}, files)
+    atomic_write(root / LATEST, ckpt.name)
+
+
+def _raise_if_any_failed(root: Path, ckpt: Path, error: str | None) -> None:
+    """Collective vote. If any rank failed: rank 0 removes the partial step dir (its space is needed), and every
+    rank raises the same ``CheckpointSaveError`` (the first failed rank's error, free and needed bytes)."""
+    errors = all_gather_object(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if not failed:
+        return
+    written = _dir_bytes(ckpt)
+    barrier()  # every rank has measured the partial dir before it goes
+    if is_rank0():
+        shutil.rmtree(ckpt, ignore_errors=True)
     barrier()
-    return ckpt
+    raise CheckpointSaveError(save_failure_message(root, ckpt, failed, written))
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def previous_size(root: Path, exclude: str) -> tuple[str, int] | None:
+    """(tag, bytes) of the newest complete checkpoint other than ``exclude``, from its manifest's sizes."""
+    for old in reversed(complete_checkpoints(root)):
+        if old.name != exclude:
+            try:
+                return old.name, sum(e["size"] for e in read_manifest(old).get("files", {}).values())
+            except (ValueError, KeyError, TypeError):
+                continue
+    return None
+
+
+def save_failure_message(root: Path, ckpt: Path, failed: list[tuple[int, str]], written: int) -> str:
+    """One paragraph: what failed where, free vs needed bytes, what is left intact, what to do."""
+    free = _free_bytes(root)
+    prev = previous_size(root, ckpt.name)
+    need = (f"a checkpoint needs about {_human(prev[1])} (the size of {prev[0]})" if prev else
+            f"this one had written {_human(written)} when it failed (it needs more)")
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    kept = f"the previous checkpoint {root / latest} and {root / LATEST} are intact" if latest else \
+        "no earlier checkpoint exists"
+    ranks = ", ".join(str(r) for r, _ in failed)
+    return (f"could not save checkpoint {ckpt.name} in {root} (failed on rank {ranks}: {failed[0][1]}); "
+            f"{free} there, {need}; the partial {ckpt.name} was removed and {kept}. Free space there, or point "
+            f"run_dir at a larger file system")
+
+
+def _free_bytes(root: Path) -> str:
+    try:
+        return f"{_human(shutil.disk_usage(root).free)} free"
+    except OSError:
+        return "free space unknown"
+
+
+def _human(n: int) -> str:
+    return f"{n} bytes ({n / 2**20:.1f} MiB)"
 
 
 def _save_client_files(ckpt: Path, client_state: dict, config: dict | None) -> None:

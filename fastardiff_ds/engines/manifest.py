@@ -64,23 +64,44 @@ def _share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
     return mine
 
 
+class HashingError(OSError):
+    """Reading or fsyncing a checkpoint file failed on some rank; ``by_rank``: rank -> its error."""
+
+    def __init__(self, message: str, by_rank: dict[int, str]):
+        super().__init__(message)
+        self.by_rank = by_rank
+
+
 def hash_files(ckpt: Path, fsync: bool = False) -> dict[str, dict]:
     """``{relpath: {"size", "xxh3_128"}}`` of every file in ``ckpt``. Collective when a process group runs:
-    rank 0's listing is used by all, each rank hashes its share, the results are gathered to every rank."""
+    rank 0's listing is used by all, each rank hashes its share, the results are gathered to every rank.
+    An ``OSError`` on any rank (fsync on a full network file system) is raised on every rank, naming it."""
     sizes = all_gather_object(list_files(ckpt))[0]
-    mine = {n: {"size": sizes[n], HASH: file_digest(ckpt / n, fsync)} for n in _share(sizes, get_rank(),
-                                                                                     get_world_size())}
-    return {k: v for part in all_gather_object(mine) for k, v in sorted(part.items())}
+    try:
+        mine = {n: {"size": sizes[n], HASH: file_digest(ckpt / n, fsync)} for n in _share(sizes, get_rank(),
+                                                                                         get_world_size())}
+    except OSError as e:  # keep to the collective: the other ranks are already gathering
+        mine = f"{type(e).__name__}: {e}"
+    parts = all_gather_object(mine)
+    failed = {r: p for r, p in enumerate(parts) if isinstance(p, str)}
+    if failed:
+        raise HashingError(f"hashing {ckpt} failed: " + "; ".join(f"rank {r}: {m}" for r, m in failed.items()),
+                           failed)
+    return {k: v for part in parts for k, v in sorted(part.items())}
 
 
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` so readers see the old file or the new one, never half of one (tmp, fsync, rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:  # a full disk: the old file stays, no half-written tmp is left to fill it further
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a power loss

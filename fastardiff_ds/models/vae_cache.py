@@ -2,8 +2,9 @@
 
 The cache file records the source's size and mtime and a converter version in its safetensors metadata; a stale
 or foreign file is ignored and rewritten. A read-only source folder falls back to the user cache
-(`$XDG_CACHE_HOME` or `~/.cache`, then `fastardiff_ds/vae/<hash of the source path>/`); if nothing is writable the
-conversion is used from memory with a warning.
+(`$XDG_CACHE_HOME` or `~/.cache`, then `fastardiff_ds/vae/<hash of the source path>/`); if nothing is writable (a
+read-only VAE folder and a read-only or missing home / cache), the conversion is used from memory with one warning
+naming the folders tried and `XDG_CACHE_HOME`, the setting that moves the cache; never a traceback.
 """
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ import torch
 CACHE_NAME = "checkpoint.diffusers.safetensors"
 
 
-def user_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastardiff_ds" / "vae"
+def user_cache_dir() -> Path | None:
+    """`$XDG_CACHE_HOME` or `~/.cache`, + fastardiff_ds/vae; None when there is no home to expand `~` to."""
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastardiff_ds" / "vae"
+    except RuntimeError:  # no HOME and no passwd entry (some containers)
+        return None
 
 
 def cache_candidates(source: Path, cache_dir: str | Path | None = None) -> list[Path]:
@@ -27,7 +32,7 @@ def cache_candidates(source: Path, cache_dir: str | Path | None = None) -> list[
     source = Path(source).resolve()
     digest = hashlib.sha1(str(source).encode()).hexdigest()[:16]
     base = Path(cache_dir) if cache_dir is not None else user_cache_dir()
-    return [source.parent / CACHE_NAME, base / digest / CACHE_NAME]
+    return [source.parent / CACHE_NAME] + ([base / digest / CACHE_NAME] if base is not None else [])
 
 
 def _fingerprint(source: Path, version: str) -> dict:
@@ -82,6 +87,7 @@ def load_cached_state(source: Path, cache_dir: str | Path | None, version: str,
             return state
         except OSError as e:
             errors.append(f"{path.parent}: {e.strerror or e}")
-    warnings.warn(f"could not cache the converted {source.name} ({'; '.join(errors)}); it will be converted "
-                  "again on the next load", stacklevel=2)
+    warnings.warn(f"could not cache the converted {source.name} ({'; '.join(errors)}): using it from memory, it "
+                  "will be converted again on the next load. To keep it, set XDG_CACHE_HOME to a writable folder "
+                  f"(or make {Path(source).parent} writable)", stacklevel=2)
     return state

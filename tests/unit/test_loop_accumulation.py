@@ -62,7 +62,7 @@ def test_micro_batches_of_a_window_share_the_optimizer_step(tmp_path, monkeypatc
     rt, task, logger, saved = Runtime(), _Task(), _Logger(), []
     loop = LoopConfig(steps=3, log_every=1, save_every=2, grad_accum=2)
     trainer = Trainer(rt, task, loop, run_dir=tmp_path, config={}, seed=0, logger_factory=lambda run_id: logger)
-    monkeypatch.setattr(trainer, "save", lambda loader: saved.append(trainer.state.step))
+    monkeypatch.setattr(trainer, "save", lambda loader, **_: saved.append(trainer.state.step))
     out = trainer.fit(_Loader(100))
     assert task.seen == [0, 0, 1, 1, 2, 2]  # 3 optimizer steps of 2 micro-batches each
     assert out["step"] == 3 and trainer.state.consumed_samples == 12
