@@ -7,6 +7,11 @@
 Without shards at `data.shards`, the tiny preset generates the synthetic shapes set there first.
 Writes run_dir/checkpoint (config.json + model.safetensors = the EMA weights, loadable by generate.py and as
 train.teacher), run_dir/checkpoints (resumable: engine, optimizer, EMA, data cursor, RNG), metrics.jsonl, samples/.
+
+Preemption: on SIGTERM or SIGUSR1 (slurm: `--signal=USR1@120`) every rank stops at the next optimizer step, saves
+a checkpoint (within pretrain.preempt_grace_s, default 30 s, or a warning says why not) and the job exits with code
+75 (EX_TEMPFAIL, `PREEMPTED_EXIT_CODE`): requeue it with `--resume auto`. Signal the ranks (srun: every task)
+or the launcher's process group; see fastardiff_ds/training/preemption.py for the `deepspeed` launcher's part.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from fastardiff_ds.config import to_dict  # noqa: E402
 from fastardiff_ds.data.loader import build_loader  # noqa: E402
 from fastardiff_ds.engines import Runtime  # noqa: E402
 from fastardiff_ds.logging import make_logger  # noqa: E402
+from fastardiff_ds.training.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher  # noqa: E402
 from fastardiff_ds.training.pretrain import pretrain_trainer  # noqa: E402
 
 
@@ -43,6 +49,7 @@ def main(argv=None):
         cfg.pretrain.ds_config = args.ds_config
     if args.threads:
         torch.set_num_threads(args.threads)
+    preemption = PreemptionWatcher(cfg.pretrain.preempt_grace_s).install()  # before anything slow: setup counts
     with Runtime.start() as rt:
         text, image = prepare_run(cfg, rt)
         trainer = pretrain_trainer(rt, cfg, image, lambda run_id: make_logger(
@@ -53,9 +60,11 @@ def main(argv=None):
         resumed = trainer.resume("none" if args.resume == "never" else args.resume, loader)
         if rt.is_rank0:
             print(json.dumps({"resumed_at_step" if resumed else "fresh_run": trainer.step, "world_size": rt.world_size}))
-        summary = trainer.fit(loader, T_START, on_sample=sample_callback(cfg, rt, "baseline"))
+        summary = trainer.fit(loader, T_START, on_sample=sample_callback(cfg, rt, "baseline"), preemption=preemption)
         if rt.is_rank0:
             print(json.dumps(summary))
+    if summary.get("preempted"):
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@
 Trains draft AR (L_reg + L_ent), student head (CD then DMD) and optionally the target AR under the annealed
 alpha(t) loss, against a frozen teacher on its own process group. Writes run_dir/checkpoints (every engine,
 atomic `latest`), run_dir/export (inference checkpoint with tau), metrics.jsonl and samples/.
+
+Preemption: on SIGTERM or SIGUSR1 (slurm: `--signal=USR1@120`) every rank stops at the next optimizer step, saves
+a checkpoint (within train.preempt_grace_s, default 30 s, or a warning says why not) and the job exits with code
+75 (EX_TEMPFAIL, `PREEMPTED_EXIT_CODE`): requeue it with `--resume auto`. Signal the ranks (srun: every task)
+or the launcher's process group; see fastardiff_ds/training/preemption.py for the `deepspeed` launcher's part.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from fastardiff_ds.config import to_dict  # noqa: E402
 from fastardiff_ds.data.loader import build_loader  # noqa: E402
 from fastardiff_ds.engines import Runtime  # noqa: E402
 from fastardiff_ds.logging import make_logger  # noqa: E402
+from fastardiff_ds.training.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher  # noqa: E402
 from fastardiff_ds.training.trainer import joint_trainer  # noqa: E402
 
 
@@ -39,6 +45,7 @@ def main(argv=None):
     cfg = config_from_args(args, adopt_teacher=True)  # the model is the train.teacher folder's
     if args.ds_config:
         cfg.train.ds_config = args.ds_config
+    preemption = PreemptionWatcher(cfg.train.preempt_grace_s).install()  # before anything slow: setup counts
     with Runtime.start() as rt:
         text, image = prepare_run(cfg, rt)
         grid = cfg.model.image.grid
@@ -51,9 +58,11 @@ def main(argv=None):
         if rt.is_rank0:
             print(json.dumps({"resumed_at_step" if resumed else "fresh_run": trainer.step, "partitions": report}))
             print(json.dumps({"deepspeed_memory_estimate_bytes_per_gpu": trainer.task.memory_estimate()}))
-        summary = trainer.fit(loader, T_START, on_sample=sample_callback(cfg, rt, "fastardiff"))
+        summary = trainer.fit(loader, T_START, on_sample=sample_callback(cfg, rt, "fastardiff"), preemption=preemption)
         if rt.is_rank0:
             print(json.dumps(summary))
+    if summary.get("preempted"):
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ RANGES: dict[str, Range] = {
     "pretrain.batch_mul": ONE_UP, "pretrain.log_every": ONE_UP, "pretrain.save_every": ONE_UP,
     "pretrain.sample_every": NONNEG, "pretrain.max_minutes": NONNEG, "pretrain.ema_decay": UNIT,
     "pretrain.keep_last": ONE_UP, "pretrain.input_noise": NONNEG,
+    "pretrain.preempt_grace_s": POSITIVE,
     # inference
     "inference.num_steps": ONE_UP, "inference.noise_level": NONNEG, "inference.time_shift": POSITIVE,
     "inference.cfg_scale": NONNEG, "inference.student_steps": ONE_UP, "inference.student_final_std": NONNEG,
@@ -89,6 +90,8 @@ RANGES: dict[str, Range] = {
     "train.student_steps": ONE_UP, "train.grad_accum": ONE_UP, "train.teacher_group_size": NONNEG,
     "train.log_every": ONE_UP, "train.save_every": ONE_UP, "train.sample_every": NONNEG,  # 0 = only at the end
     "train.keep_last": ONE_UP, "train.tau_batches": NONNEG,  # 0 = no tau measurement (tau = -inf)
+    "train.preempt_grace_s": POSITIVE,
+    "wandb.init_timeout_s": POSITIVE,
 }
 
 # numeric keys that may take any value

@@ -151,6 +151,9 @@ class PretrainConfig:
     keep_last: int = 2  # training checkpoints kept under run_dir/checkpoints
     sample_every: int = 500
     max_minutes: float = 0.0  # > 0: save and stop after this much wall-clock time
+    # seconds a save may take after SIGTERM / SIGUSR1 (training/preemption.py): the run stops at the next step,
+    # saves and exits 75; a warning says when a step + a save do not fit
+    preempt_grace_s: float = 30.0
 
 
 @dataclass
@@ -243,6 +246,9 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # what a NaN/inf loss does
     tau_batches: int = 4  # batches of training data for the early-stop threshold (Eq. 10)
     export_dir: str = ""  # default: run_dir/export
+    # seconds a save may take after SIGTERM / SIGUSR1 (training/preemption.py): the run stops at the next step,
+    # saves and exits 75; a warning says when a step + a save do not fit
+    preempt_grace_s: float = 30.0
 
 
 @dataclass

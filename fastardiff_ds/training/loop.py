@@ -16,18 +16,26 @@ Checkpoint (one format, written by `Runtime.save_checkpoint` -> engines/checkpoi
                       + this rank's python/numpy/torch/CUDA RNG states
     config.json       the resolved config
 Resume is exact (tests/distributed/test_pretrain.py, test_train_joint.py): same losses as the uninterrupted run.
+
+Preemption (training/preemption.py): with a `PreemptionWatcher` passed to `fit`, a SIGTERM / SIGUSR1 on any rank
+stops every rank at the same optimizer-step boundary (`any_rank`), which saves and returns `preempted: True` at
+once: the tau measurement, export and sampling of a finished run are left to the resumed run.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import resource
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+
+from .preemption import PREEMPTED_EXIT_CODE, grace_warning, late_save_warning
 
 
 @dataclass
@@ -91,10 +99,29 @@ class Trainer:
         return {"train": dataclasses.asdict(self.state), "stage": self.task.stage_of(self.state.step),
                 "loader": loader.state_dict(), "generator": self.gen.get_state()}
 
-    def save(self, loader) -> Path:
-        return self.rt.save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.task.engines,
-                                       client_state=self.client_state(loader), config=self.config,
-                                       modules=self.task.modules, keep_last=self.loop.keep_last)
+    MAX_FAILED_SAVES = 3  # consecutive failed saves (a full disk) before the run stops
+
+    def save(self, loader, final: bool = False) -> Path | None:
+        """Save a checkpoint. A failed save (`CheckpointSaveError`, the same on every rank) keeps the previous
+        checkpoint: training goes on with a warning and retries at the next `save_every`, so a disk that fills up
+        for a while costs no progress; the last save of a run, or the `MAX_FAILED_SAVES`-th failure in a row,
+        stops the run with the error (a full disk that stays full needs a person)."""
+        from fastardiff_ds.engines.checkpoint import CheckpointSaveError
+
+        try:
+            ckpt = self.rt.save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.task.engines,
+                                           client_state=self.client_state(loader), config=self.config,
+                                           modules=self.task.modules, keep_last=self.loop.keep_last)
+        except CheckpointSaveError as e:
+            self.failed_saves = getattr(self, "failed_saves", 0) + 1
+            if final or self.failed_saves >= self.MAX_FAILED_SAVES:
+                raise SystemExit(f"error: {e} ({self.failed_saves} failed save(s) in a row; the run stops: "
+                                 f"resume it with --resume auto once there is space)") from None
+            self._warn(f"{e}. Training goes on; the next save at step {self.state.step + self.loop.save_every} "
+                       f"retries (the run stops after {self.MAX_FAILED_SAVES} failed saves in a row)")
+            return None
+        self.failed_saves = 0
+        return ckpt
 
     def resume(self, resume: str | None, loader) -> bool:
         """Load `resume` (auto | none | tag | path) into the freshly built task; False when starting fresh."""
@@ -116,14 +143,15 @@ class Trainer:
         return True
 
     # -- the loop -------------------------------------------------------------------------------------------------
-    def fit(self, loader, t_start: float | None = None, on_sample=None) -> dict:
+    def fit(self, loader, t_start: float | None = None, on_sample=None, preemption=None) -> dict:
         """Train to `loop.steps` (or `max_minutes`), then finish and export. `on_sample(trainer, logger, export)`
-        runs at `sample_every` and at the end; it is called on every rank."""
+        runs at `sample_every` and at the end; it is called on every rank. `preemption` (a PreemptionWatcher):
+        stop, save and return `preempted: True` at the first optimizer step after a signal on any rank."""
         loop, st = self.loop, self.state
         logger = self.logger_factory(st.run_id)
         st.run_id = getattr(logger, "run_id", None)
         t0, samples0, step0, seconds0 = time.time(), st.consumed_samples, st.step, st.seconds
-        first_step_s = None
+        first_step_s, t_step, grace_checked = None, time.time(), False
         from tqdm import tqdm
 
         bar = tqdm(total=loop.steps, initial=st.step, desc=self.task.name, disable=not self.rt.is_rank0,
@@ -140,19 +168,30 @@ class Trainer:
                     continue
                 micro = 0
                 st.step += 1
-                st.seconds = seconds0 + time.time() - t0
+                st.seconds, step_s = seconds0 + time.time() - t0, time.time() - t_step
                 first_step_s = first_step_s or time.time() - (t_start or t0)
                 bar.update(1)
                 out_of_time = loop.max_minutes > 0 and self.rt.any_rank(st.seconds > loop.max_minutes * 60)
-                done = st.step >= loop.steps or out_of_time
+                preempted = preemption is not None and self.rt.any_rank(preemption.requested)
+                done = st.step >= loop.steps or out_of_time or preempted
                 if st.step % loop.log_every == 0 or st.step == 1:
                     self._log(metrics, inputs, logger, bar, (t0, samples0, first_step_s))
                 if st.step % loop.save_every == 0 or done:
-                    self.save(loader)
+                    t_save = time.time()
+                    ckpt = self.save(loader, final=done)
+                    step_save_s = (step_s, time.time() - t_save)
+                    if preempted:
+                        bar.close()
+                        return self._preempted(logger, preemption, ckpt, step_save_s, (t0, samples0, step0),
+                                               first_step_s)
+                    if preemption is not None and not grace_checked:  # once: a step and a save are measured
+                        self._warn(grace_warning(preemption.grace_s, *step_save_s))
+                        grace_checked = True
                 if on_sample is not None and loop.sample_every and st.step % loop.sample_every == 0 and not done:
                     on_sample(self, logger, self.task.export({"step": st.step}))
                 if done:
                     break
+                t_step = time.time()
         bar.close()
         summary = self._throughput(time.time() - t0, st.consumed_samples - samples0, st.step - step0)
         meta = {**self.task.finish(loader), "step": st.step, "stage": self.task.stage_of(st.step)}
@@ -163,6 +202,26 @@ class Trainer:
         logger.finish()
         return {**summary, "meta": meta, "export": str(export) if export else None, "first_step_s": first_step_s,
                 "step": st.step}
+
+    def _preempted(self, logger, preemption, ckpt, step_save_s, start, first_step_s) -> dict:
+        """After the preemption save: say where it stopped (and whether within the grace), close the logger."""
+        st, (step_s, save_s), (t0, samples0, step0) = self.state, step_save_s, start
+        since = self.rt.reduce_scalar(preemption.seconds_since_signal(), "max")  # the earliest signal of any rank
+        self._warn(late_save_warning(preemption.grace_s, since, step_s, save_s))
+        if self.rt.is_rank0:
+            print(f"preempted ({preemption.signal_name if preemption.requested else 'a signal on another rank'}): "
+                  f"stopped at step {st.step}, checkpoint {ckpt} complete {since:.1f}s after the signal (step "
+                  f"{step_s:.1f}s, save {save_s:.1f}s); exit code {PREEMPTED_EXIT_CODE}; continue with --resume auto",
+                  file=sys.stderr, flush=True)
+        logger.log({"preempted_at_step": st.step}, step=st.step)
+        logger.finish()
+        summary = self._throughput(time.time() - t0, st.consumed_samples - samples0, st.step - step0)
+        return {**summary, "preempted": True, "step": st.step, "checkpoint": str(ckpt),
+                "signal_to_saved_s": since, "export": None, "first_step_s": first_step_s}
+
+    def _warn(self, message: str | None) -> None:
+        if message and self.rt.is_rank0:
+            warnings.warn(message, stacklevel=2)
 
     def _throughput(self, seconds: float, samples: int, steps: int) -> dict:
         """Steps/s and samples/s of this fit call, and every rank's peak resident memory (gathered)."""
