@@ -13,34 +13,14 @@ import time
 
 import psutil
 import pytest
-import torch
 
 from _launch import ROOT, deepspeed_cmd, env, metrics_by_step, run
+from test_train_joint import COMMON as JOINT_COMMON, setup  # noqa: F401  (the tiny teacher + shapes fixture)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 PREEMPTED = 75  # fastardiff_ds.training.preemption.PREEMPTED_EXIT_CODE (not imported: today's code must fail here)
-COMMON = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "train.tau_batches=1",
-          "wandb.enabled=false", "inference.num_steps=2", "inference.batch_size=8", "inference.student_steps=1",
-          "train.gen_every=2", "train.cd_steps=2", "train.steps=8", "train.save_every=100"]  # one save: the signal's
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny teacher checkpoint and a small shapes set (as in test_train_joint.py)."""
-    from fastardiff_ds.config import get_preset
-    from fastardiff_ds.data.synthetic import write_shapes_dataset
-    from fastardiff_ds.models import build_head, build_target, save_pretrained
-
-    root = tmp_path_factory.mktemp("preempt")
-    cfg = get_preset("tiny")
-    torch.manual_seed(0)
-    head = build_head(cfg)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    save_pretrained(root / "teacher", cfg, build_target(cfg), head)
-    write_shapes_dataset(str(root / "shapes"), num_samples=64, shard_size=16, resolution=32)
-    return root
+COMMON = [*JOINT_COMMON, "train.steps=8", "train.save_every=100"]  # one save: the signal's
 
 
 def _args(setup, run_dir, *extra):

@@ -7,7 +7,7 @@ Two ways a loss overflows under bf16:
   update (an inf/NaN global grad norm; with bf16 there is no loss scale to lower), silently: before
   `Engine.dropped`, a run with the default train.on_nonfinite=stop went on with a fake score (or student) that
   never learned again, and nothing said so.
-`_Overflow` injects the second kind exactly: the identity in the forward, gradients times inf in the backward.
+`_InfGrad` (test_joint_lr_nonfinite.py) injects the second kind exactly: the identity in the forward, gradients times inf in the backward.
 """
 from __future__ import annotations
 
@@ -20,21 +20,12 @@ import torch
 import fastardiff_ds.training.joint as J
 from fastardiff_ds import engines as E
 from fastardiff_ds.training.joint import JointStep, NonFiniteLoss
+from test_joint_lr_nonfinite import _InfGrad
 from test_joint_deepspeed import LRS, UNCOND, _batch, _nets, _teacher, world  # noqa: F401
 
 pytestmark = pytest.mark.slow  # ~25 s a test on one core (DeepSpeed engines in bf16)
 
 LOSS_FNS = {"fake": "dmd_fake_score_loss", "student": "dmd_generator_loss"}
-
-
-class _Overflow(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
 
 
 def _setup(tiny_cfg, tmp_path, policy):
@@ -57,7 +48,7 @@ def _poison(monkeypatch, net: str, where: str, steps: set):
         loss, metrics = real(*args, **kwargs)
         calls.append(1)
         if len(calls) - 1 in steps:
-            loss = _Overflow.apply(loss) if where == "backward" else (loss.bfloat16() * 1e38 * 1e38).float()
+            loss = _InfGrad.apply(loss) if where == "backward" else (loss.bfloat16() * 1e38 * 1e38).float()
         return loss, metrics
 
     monkeypatch.setattr(J, LOSS_FNS[net], poisoned)

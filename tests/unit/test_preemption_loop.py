@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastardiff_ds.engines import Runtime
+from test_loop_accumulation import _Task as _AccumTask
 from fastardiff_ds.training.loop import LoopConfig, Trainer
 from fastardiff_ds.training.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 
@@ -22,27 +23,18 @@ class _Loader:
         return {}
 
 
-class _Task:
-    name, progress_key, engines, modules = "stub", "loss", {}, {}
+class _Task(_AccumTask):
+    """test_loop_accumulation's stub task, sending itself a real signal at a given micro-batch."""
 
     def __init__(self, signal_at=None):
-        self.seen, self.signal_at, self.finished, self.exported = [], signal_at, False, False
-        self.step_fns = {"only": self.step_fn}
-
-    def stage_of(self, step):
-        return "only"
-
-    def inputs(self, batch):
-        return (batch["x"],)
+        super().__init__()
+        self.signal_at, self.finished, self.exported = signal_at, False, False
 
     def step_fn(self, inputs, step, gen):
-        self.seen.append(step)
+        row = super().step_fn(inputs, step, gen)
         if self.signal_at is not None and len(self.seen) == self.signal_at[0]:
             os.kill(os.getpid(), self.signal_at[1])  # a real signal, mid accumulation window
-        return {"loss": float(step)}
-
-    def log_metrics(self, metrics, inputs):
-        return dict(metrics), {}
+        return row
 
     def finish(self, loader):
         self.finished = True
