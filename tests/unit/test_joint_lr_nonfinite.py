@@ -11,7 +11,7 @@ distillation ("L_cd", student + the CD target's EMA), the DMD generator ("L_dmd"
 with the student. A skipped update is counted per network (metric nonfinite/<network>, with a warning naming it), and
 the step's metrics carry the non-finite loss value (loss/ar, loss/dist, fake/loss). A finite loss whose backward
 overflows (bf16) makes DeepSpeed drop the update; the stand-in does the same (`FakeDS`), and the policy applies to it
-too (on real bf16 ZeRO-3 engines: tests/unit/test_bf16_overflow.py).
+too (on real bf16 ZeRO-3 engines: tests/unit/test_joint_deepspeed.py).
 """
 from __future__ import annotations
 
