@@ -139,14 +139,10 @@ def _save_engine(engine, ckpt: Path, name: str) -> str | None:
     """``engine.save`` on this rank. DeepSpeed's save_checkpoint runs its collectives (a barrier, the tag check)
     before its first write and one barrier after its last, so a rank whose write failed stands in for that closing
     barrier: the ranks stay in step and the failure is voted on afterwards instead of hanging a barrier."""
-    try:
-        engine.save(str(ckpt), tag=name)
-    except Exception as e:  # noqa: BLE001 -- re-raised unless it is a failed write
-        if (message := _write_error(e)) is None:
-            raise
+    error = _first_error(lambda: engine.save(str(ckpt), tag=name))
+    if error:
         barrier()
-        return message
-    return None
+    return error
 
 
 def _save_module(ckpt: Path, name: str, sd: dict) -> None:

@@ -88,6 +88,7 @@ class Trainer:
         self.rt, self.task, self.loop = rt, task, loop
         self.run_dir, self.config, self.logger_factory = Path(run_dir), config, logger_factory
         self.state = TrainState()
+        self.failed_saves = 0  # consecutive failed saves (see `save`)
         self.gen = torch.Generator().manual_seed(seed * 1000 + rt.rank)  # the step functions' noise, per rank
 
     @property
@@ -113,7 +114,7 @@ class Trainer:
                                            client_state=self.client_state(loader), config=self.config,
                                            modules=self.task.modules, keep_last=self.loop.keep_last)
         except CheckpointSaveError as e:
-            self.failed_saves = getattr(self, "failed_saves", 0) + 1
+            self.failed_saves += 1
             if final or self.failed_saves >= self.MAX_FAILED_SAVES:
                 raise SystemExit(f"error: {e} ({self.failed_saves} failed save(s) in a row; the run stops: "
                                  f"resume it with --resume auto once there is space)") from None
