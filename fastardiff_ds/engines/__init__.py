@@ -2,7 +2,7 @@
 
 - ``runtime``: ``Runtime``, the one object trainers and launchers hold for every distributed side effect
   (init, groups, collectives on the communication device, barriers, engine construction, checkpoint I/O, teardown).
-- ``dist``: process-group bootstrap (gloo on CPU, nccl on GPU) and rank helpers for the engine modules.
+- ``dist``: process-group bootstrap (gloo on CPU, nccl on GPU), rank helpers and the collectives (the bottom layer).
 - ``ds_config``: ds_configs/*.json (engine knobs) + batch size / clipping injected from our config.
 - ``engine``: ``EngineSpec`` + ``build_engine`` -- one ZeRO engine per trainable network.
 - ``teacher``: frozen networks (teacher on its own process group, EMA copies), inference only.

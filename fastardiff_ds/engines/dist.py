@@ -1,8 +1,9 @@
-"""Process-group bootstrap: the one place that starts torch.distributed (through DeepSpeed).
+"""Process-group bootstrap and the collectives: the one place that starts torch.distributed (through DeepSpeed).
 
 Every rank calls the same functions in the same order; nothing here branches on rank except logging.
 CPU runs use gloo (``DS_ACCELERATOR=cpu``), GPU runs use nccl; the backend comes from the accelerator
-DeepSpeed detected, so launch scripts never name it.
+DeepSpeed detected, so launch scripts never name it. The bottom of the engine layer: it imports no other engine
+module (`runtime.Runtime` wraps these functions).
 """
 
 from __future__ import annotations
@@ -115,26 +116,51 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-# The collectives live on `runtime.Runtime` (one implementation, tensors moved to the communication device);
-# these module-level names stay for engines-internal callers and older scripts.
+# The collectives, NCCL-correct by construction: each tensor moves to the communication device of its group and the
+# result comes back on the caller's device. `runtime.Runtime` exposes them as methods; without a process group each
+# is local (a world of one).
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 def comm_device(group=None) -> torch.device:
-    """Where a tensor must live for a collective on `group` (see `Runtime.comm_device`)."""
-    from fastardiff_ds.engines.runtime import Runtime
-
-    return Runtime().comm_device(group)
+    """Where a tensor must live for a collective on `group`: this rank's GPU under nccl, else the CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return device()
+    return torch.device("cpu")
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
-    """`Runtime().all_reduce`: a new tensor reduced over `group` (sum | min | max), on `tensor`'s device."""
-    from fastardiff_ds.engines.runtime import Runtime
+    """A new tensor: `tensor` reduced (sum | min | max) over `group`, returned on `tensor`'s device.
 
-    return Runtime().all_reduce(tensor, op, group)
+    The collective itself runs on `comm_device(group)` (a CPU tensor under nccl fails at the first call).
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"all_reduce op={op!r}; expected one of {sorted(_REDUCE_OPS)}")
+    out = tensor.detach().to(comm_device(group), copy=True)
+    if dist.is_initialized():
+        dist.all_reduce(out, op=_REDUCE_OPS[op], group=group)
+    return out.to(tensor.device)
+
+
+def reduce_scalar(value: float, op: str = "sum", group=None) -> float:
+    """A Python number reduced over `group` (float64 on the communication device)."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device(group))
+    return float(all_reduce(t, op, group).item())
 
 
 def all_gather_object(obj, group=None) -> list:
-    """`Runtime().all_gather_object`: every rank's picklable `obj`, in rank order."""
-    from fastardiff_ds.engines.runtime import Runtime
+    """Every rank's picklable `obj`, in rank order (``[obj]`` without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
-    return Runtime().all_gather_object(obj, group)
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Rank `src`'s `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]

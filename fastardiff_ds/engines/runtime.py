@@ -2,8 +2,9 @@
 
 Init, groups, collectives, barriers, engine construction, checkpoint I/O and teardown all go through it;
 nothing outside `fastardiff_ds.engines` imports `torch.distributed` or `deepspeed` (tests/unit/test_runtime.py
-scans the sources). The primitives live next door (`dist`: process-group bootstrap; `checkpoint`: the on-disk
-format; `engine`/`teacher`: DeepSpeed engines); the Runtime is the entry point the trainers and launchers hold.
+scans the sources). The primitives live below it (`dist`: process-group bootstrap and the collectives; `checkpoint`:
+the on-disk format; `engine`/`teacher`: DeepSpeed engines); the Runtime is the entry point the trainers and launchers
+hold, and nothing under it imports it back.
 
 Collectives are NCCL-correct by construction: every tensor is moved to the communication device of the group
 (`comm_device`: this rank's GPU under nccl, the CPU under gloo) and the result comes back on the caller's device.
@@ -30,9 +31,6 @@ from fastardiff_ds.engines import export as export_io
 from fastardiff_ds.engines.engine import Engine, EngineSpec, build_engine
 from fastardiff_ds.engines.groups import contiguous_groups
 from fastardiff_ds.engines.teacher import FrozenEngine, build_frozen, build_teacher
-
-_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-
 
 class Runtime:
     """A handle over this process's place in the job (torch.distributed state is process-wide).
@@ -93,31 +91,20 @@ class Runtime:
 
     def comm_device(self, group=None) -> torch.device:
         """Where a tensor must live for a collective on `group`: this rank's GPU under nccl, else the CPU."""
-        if self.initialized and dist.get_backend(group) == "nccl":
-            return D.device()
-        return torch.device("cpu")
+        return D.comm_device(group)
 
-    # -- collectives --------------------------------------------------------------------------------------------
+    # -- collectives (implemented in `dist`) ----------------------------------------------------------------------
     def barrier(self, group=None) -> None:
-        if self.initialized:
-            dist.barrier(group=group)
+        D.barrier(group)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
-        """A new tensor: `tensor` reduced (sum | min | max) over `group`, returned on `tensor`'s device.
-
-        The collective itself runs on `comm_device(group)` (a CPU tensor under nccl fails at the first call).
-        """
-        if op not in _REDUCE_OPS:
-            raise ValueError(f"all_reduce op={op!r}; expected one of {sorted(_REDUCE_OPS)}")
-        out = tensor.detach().to(self.comm_device(group), copy=True)
-        if self.initialized:
-            dist.all_reduce(out, op=_REDUCE_OPS[op], group=group)
-        return out.to(tensor.device)
+        """A new tensor: `tensor` reduced (sum | min | max) over `group`, returned on `tensor`'s device
+        (the collective runs on `comm_device(group)`)."""
+        return D.all_reduce(tensor, op, group)
 
     def reduce_scalar(self, value: float, op: str = "sum", group=None) -> float:
         """A Python number reduced over `group` (float64 on the communication device)."""
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device(group))
-        return float(self.all_reduce(t, op, group).item())
+        return D.reduce_scalar(value, op, group)
 
     def all_finite(self, value: torch.Tensor, group=None) -> bool:
         """True on every rank iff `value` is finite on every rank (a rank-local decision would desynchronise
@@ -131,19 +118,11 @@ class Runtime:
 
     def all_gather_object(self, obj: Any, group=None) -> list:
         """Every rank's picklable `obj`, in rank order (``[obj]`` without a process group)."""
-        if not self.initialized:
-            return [obj]
-        out = [None] * dist.get_world_size(group)
-        dist.all_gather_object(out, obj, group=group)
-        return out
+        return D.all_gather_object(obj, group)
 
     def broadcast_object(self, obj: Any, src: int = 0, group=None) -> Any:
         """Rank `src`'s `obj` on every rank."""
-        if not self.initialized:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src, group=group)
-        return box[0]
+        return D.broadcast_object(obj, src, group)
 
     # -- groups and engines -------------------------------------------------------------------------------------
     def contiguous_groups(self, group_size: int) -> tuple[object, list[int]]:
