@@ -39,6 +39,27 @@ def choices_error(key: str, choices: tuple, value: Any) -> ConfigError:
                        f"got {value!r}{hint}")
 
 
+def is_union(origin: Any) -> bool:
+    """Whether a type's origin is a union (`X | Y`, `Optional[X]`)."""
+    return origin is typing.Union or origin is types.UnionType
+
+
+def type_name(typ: Any) -> str:
+    """Readable name of a field type: `int`, `int | None`, `tuple[float, float]`, `Literal['a', 'b']`."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if typ is type(None):
+        return "None"
+    if typ is Ellipsis:
+        return "..."
+    if is_union(origin):
+        return " | ".join(type_name(a) for a in args)
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(typ, "__name__", str(typ))
+
+
 def matches(value: Any, typ: Any) -> bool:
     """Whether `value` is an instance of the declared field type (an int is a float; a bool is not an int)."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
@@ -46,7 +67,7 @@ def matches(value: Any, typ: Any) -> bool:
         return True
     if typ is type(None):
         return value is None
-    if origin is typing.Union or origin is types.UnionType:
+    if is_union(origin):
         return any(matches(value, a) for a in args)
     if origin is typing.Literal:
         return any(value == c and type(value) is type(c) for c in args)
@@ -77,8 +98,6 @@ def _literal_of(typ: Any) -> tuple | None:
 
 def check_types(cfg: Any) -> None:
     """Refuse a leaf whose value does not have the declared type (enum keys: one of the choices)."""
-    from .overrides import type_name
-
     for key, typ, value in leaves(cfg):
         if matches(value, typ):
             continue

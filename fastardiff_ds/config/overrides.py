@@ -1,6 +1,7 @@
-"""Dotted overrides (`train.lr=1e-4`), strict dict round trips and the resolved-config file.
+"""Dotted overrides (`train.lr=1e-4`), strict dict round trips and the resolved-config file, for any dataclass tree.
 
-An unknown key is an error that names the closest valid key, so a typo never silently trains the default.
+An unknown key is an error that names the closest valid key, so a typo never silently trains the default. Checking
+the result (types, ranges, rules) is `resolve.validate`'s: this module knows nothing of presets or rules.
 """
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ import dataclasses
 import difflib
 import enum
 import json
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
-from .checks import ConfigError, check_ranges, check_types, choices_error
+from .checks import ConfigError, choices_error, is_union, type_name
 
 
 def dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -46,26 +46,6 @@ def _field_type(obj: Any, name: str) -> Any:
 
 _NONE = ("none", "null")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def type_name(typ: Any) -> str:
-    """Readable name of a field type: `int`, `int | None`, `tuple[float, float]`, `Literal['a', 'b']`."""
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if typ is type(None):
-        return "None"
-    if typ is Ellipsis:
-        return "..."
-    if _is_union(origin):
-        return " | ".join(type_name(a) for a in args)
-    if origin is typing.Literal:
-        return f"Literal[{', '.join(repr(a) for a in args)}]"
-    if origin is not None and args:
-        return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
-    return getattr(typ, "__name__", str(typ))
-
-
-def _is_union(origin: Any) -> bool:
-    return origin is typing.Union or origin is types.UnionType
 
 
 def _parse_items(raw: str, typ: Any, key: str) -> list | tuple:
@@ -139,7 +119,7 @@ def parse_value(raw: str, typ: Any, key: str) -> Any:
     raises ConfigError naming the key, the expected type and the value.
     """
     origin = typing.get_origin(typ)
-    if _is_union(origin):
+    if is_union(origin):
         members = [a for a in typing.get_args(typ) if a is not type(None)]
         if type(None) in typing.get_args(typ) and raw.strip().lower() in _NONE:
             return None
@@ -183,39 +163,6 @@ def mark_explicit(root: Any, key: str) -> None:
         derived.discard(key)
 
 
-def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """Apply `key=value` strings in order (later wins)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.lr=1e-4)")
-        key, raw = item.split("=", 1)
-        set_key(cfg, key.strip(), raw.strip())
-    return validate(cfg)
-
-
-def validate(cfg: Any, prefix: str = "") -> Any:
-    """Check a config tree, in this order: every key's type and enum values (checks.check_types), every numeric
-    key's range (ranges.RANGES), every section's `__post_init__` (overrides are set after construction), then the
-    root's `resolve_rules()` if it has one (Config: derived values and cross-field rules, rules.py). Every error is
-    a ConfigError naming the key."""
-    if not prefix:
-        check_types(cfg)
-        check_ranges(cfg)
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            validate(value, f"{prefix}{f.name}.")
-    check = getattr(cfg, "__post_init__", None)
-    if check is not None:
-        try:
-            check()
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}': {e}") from None
-    if not prefix and hasattr(cfg, "resolve_rules"):
-        cfg.resolve_rules()
-    return cfg
-
-
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -242,26 +189,6 @@ def update_from_dict(cfg: Any, data: dict, prefix: str = "", root: Any = None) -
                 value = tuple(value)
             setattr(cfg, name, value)
             mark_explicit(root, key)
-    return cfg
-
-
-def load_file(cfg: Any, path: str | Path) -> Any:
-    """Merge a JSON or YAML config file into `cfg`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass an existing .json/.yaml path")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
-    update_from_dict(cfg, data)
-    if hasattr(cfg, "resolve_rules"):  # a resolved config.json holds derived values: they follow their source again
-        from .rules import reset_derived
-
-        reset_derived(cfg)
     return cfg
 
 

@@ -1,10 +1,11 @@
-"""Named presets, from a CPU-sized `tiny` to NextStep-1's 14B `nextstep-1-large` (DiT-style table of factories)."""
+"""Named presets, from a CPU-sized `tiny` to NextStep-1's 14B `nextstep-1-large` (DiT-style table of factories).
+
+Each factory returns an unchecked Config; `resolve.get_preset` builds one and validates it.
+"""
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
-from .overrides import validate
 from .schema import ARConfig, Config, DraftConfig, HeadConfig, ImageConfig, ModelConfig, TextConfig
 
 
@@ -115,10 +116,3 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "nextstep-1.1": nextstep_1_1,
 }
 
-
-def get_preset(name: str) -> Config:
-    """A fresh, validated config for a named preset (derived keys filled); an unknown name lists the valid ones."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.0)
-        raise KeyError(f"unknown preset '{name}'. Did you mean '{close[0]}'? Valid presets: {', '.join(PRESETS)}")
-    return validate(PRESETS[name]())

@@ -1,4 +1,4 @@
-"""Derived values and cross-field rules of the root config, applied when a config is resolved (`validate`).
+"""Derived values and cross-field rules of the root config, applied when a config is resolved (`resolve.validate`).
 
 Derived keys (DERIVED) are computed once from the key they duplicate instead of being set twice: a derived key
 left unset (None, the root default) follows its source, also when the source changes later (an override, a
@@ -10,7 +10,7 @@ for the prompt suffix (the loader cut `<|begin_of_image|>` off every training pr
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from .checks import ConfigError
 
@@ -152,16 +152,16 @@ def check_train(cfg: Any) -> None:
         _fail(f"train.guidance_min={t.guidance_min} > train.guidance_max={t.guidance_max}")
 
 
-def check_preset(cfg: Any) -> None:
-    from .presets import PRESETS
-
-    if cfg.preset not in PRESETS:
-        _fail(f"preset={cfg.preset!r} is not a named preset: use one of {', '.join(PRESETS)}")
+def check_preset(cfg: Any, presets: Collection[str]) -> None:
+    if cfg.preset not in presets:
+        _fail(f"preset={cfg.preset!r} is not a named preset: use one of {', '.join(presets)}")
 
 
-def resolve(cfg: Any) -> Any:
-    """Derive the derived keys, then apply every cross-field rule (ConfigError naming the keys)."""
+def resolve(cfg: Any, presets: Collection[str]) -> Any:
+    """Derive the derived keys, then apply every cross-field rule (ConfigError naming the keys); `presets`: the
+    valid preset names (presets.PRESETS, passed in by resolve.validate)."""
     derive(cfg)
-    for rule in (check_preset, check_image, check_networks, check_text, check_data, check_train):
+    check_preset(cfg, presets)
+    for rule in (check_image, check_networks, check_text, check_data, check_train):
         rule(cfg)
     return cfg

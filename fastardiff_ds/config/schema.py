@@ -1,7 +1,8 @@
 """The typed config tree: nested dataclasses, one source of truth for a run.
 
 Resolution order (lingua-style): preset defaults -> optional YAML/JSON file -> dotted CLI overrides
-(`train.lr=1e-4`). `fastardiff_ds.config.overrides` applies overrides; `presets` holds the named presets.
+(`train.lr=1e-4`). `fastardiff_ds.config.overrides` applies overrides; `presets` holds the named presets;
+`resolve` runs that order and the checks. This module imports none of them.
 Sub-configs that belong to one subsystem (data loader, samplers, engines, losses) are defined next to that
 subsystem and composed here.
 """
@@ -255,7 +256,7 @@ class TrainConfig:
 class Config:
     """Root of the config tree. Sections for data, sampling, training and engines are added by those subsystems.
 
-    A config is checked when it is resolved (overrides.validate): types and enum values of every key, numeric
+    A config is checked when it is resolved (resolve.validate): types and enum values of every key, numeric
     ranges (ranges.py), derived values and cross-field rules (rules.py), each error naming the key."""
 
     preset: str = "tiny"
@@ -269,9 +270,3 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    def resolve_rules(self) -> None:
-        """Derived values, then cross-field rules (rules.py); run by `validate` after the per-key checks."""
-        from .rules import resolve
-
-        resolve(self)

@@ -12,7 +12,7 @@ import pytest
 
 from fastardiff_ds.config import ConfigError, apply_overrides, get_preset, resolve_config
 from fastardiff_ds.config.checks import check_ranges, leaves
-from fastardiff_ds.config.overrides import validate
+from fastardiff_ds.config.resolve import validate
 from fastardiff_ds.config.ranges import BY_RULE, RANGES, UNBOUNDED
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))

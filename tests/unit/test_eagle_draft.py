@@ -194,7 +194,7 @@ def test_unrolled_draft_loss_matches_plain_autograd(tiny_cfg):
     import torch.nn.functional as F
 
     from fastardiff_ds.config import ConfigError
-    from fastardiff_ds.config.overrides import apply_overrides
+    from fastardiff_ds.config.resolve import apply_overrides
     from fastardiff_ds.models import build_head, build_target, nextstep_state
     from fastardiff_ds.training.joint import JointStep
     from fastardiff_ds.training.networks import Dispatch, TeacherNet, init_networks

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastardiff_ds.config import ConfigError
-from fastardiff_ds.config.overrides import apply_overrides
+from fastardiff_ds.config.resolve import apply_overrides
 from fastardiff_ds.models import (build_draft, build_head, build_target, grow_state, load_pretrained,
                                   nextstep_state, save_pretrained)
 from fastardiff_ds.training.networks import init_networks
