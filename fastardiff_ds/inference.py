@@ -64,9 +64,9 @@ class Pipeline:
     def _compiled(self, flow: ARFlow) -> ARFlow:
         return self.compiler.flow(flow) if self.compiler is not None else flow
 
-    def student_flow(self, ar) -> ARFlow:
+    def student_flow(self, ar, steps: int | None = None) -> ARFlow:
         inf = self.inf
-        sampler = SamplerConfig("consistency", inf.student_steps, final_std=inf.student_final_std)
+        sampler = SamplerConfig("consistency", steps or inf.student_steps, final_std=inf.student_final_std)
         cfg = CFGConfig(inf.cfg_scale, inf.cfg_schedule, "distilled")
         return self._compiled(ARFlow(ar, self.bundle.student, sampler, cfg,
                                      self.bundle.cfg.model.image.token_layernorm))
@@ -87,13 +87,18 @@ class Pipeline:
             return generate_ar(flow, ids, mask, n, gens, progress=self.progress)
         from .sampling.speculative import SpecConfig, speculative_generate
 
-        draft_flow = (self.student_flow if self.mode == "fastardiff" else self.teacher_flow)(self.bundle.draft)
+        if self.mode == "fastardiff":
+            draft_flow = self.student_flow(self.bundle.draft, self.inf.draft_steps)
+        else:
+            draft_flow = self.teacher_flow(self.bundle.draft)
         tau = self.inf.tau if self.inf.tau is not None else self.bundle.meta.get("tau")
         if self.mode == "sd" or tau is None:
             tau = float("-inf")  # sd: no early stop
         inf = self.inf
         spec = SpecConfig(inf.gamma, float(tau), inf.accept, inf.relax_temperature, inf.cspd_inner_temperature,
-                          inf.max_resample_tries, inf.draft_policy, inf.draft_cost, inf.probe_drafts)
+                          inf.max_resample_tries, inf.draft_policy, inf.draft_cost, inf.probe_drafts,
+                          inf.prefill_ratio, inf.cspd_independent, inf.feature_threshold, inf.feature_metric,
+                          inf.commit)
         return speculative_generate(flow, draft_flow, ids, mask, n, gens, spec, progress=self.progress)
 
     @torch.no_grad()

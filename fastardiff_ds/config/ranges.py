@@ -75,7 +75,9 @@ RANGES: dict[str, Range] = {
     "inference.num_steps": ONE_UP, "inference.noise_level": NONNEG, "inference.time_shift": POSITIVE,
     "inference.cfg_scale": NONNEG, "inference.student_steps": ONE_UP, "inference.student_final_std": NONNEG,
     "inference.gamma": NONNEG, "inference.draft_cost": NONNEG, "inference.probe_drafts": ONE_UP,
-    "inference.relax_temperature": POSITIVE, "inference.cspd_inner_temperature": POSITIVE,
+    "inference.relax_temperature": Range(1, None), "inference.cspd_inner_temperature": POSITIVE,
+    "inference.prefill_ratio": Range(0, 1, hi_open=True), "inference.feature_threshold": NONNEG,
+    "inference.draft_steps": ONE_UP,
     "inference.max_resample_tries": ONE_UP, "inference.batch_size": ONE_UP,
     # train
     "train.steps": ONE_UP, "train.cd_steps": NONNEG,  # cd_steps <= steps: rules.py

@@ -179,10 +179,19 @@ class InferenceConfig:
     draft_cost: float = 0.0  # adaptive: a drafted token's cost in target rounds; 0 = estimated from parameters
     probe_drafts: int = 4  # adaptive: drafts measured per sample before it may stop drafting
     tau: float | None = None  # entropy early-stop threshold; None = the checkpoint's (Eq. 10)
-    # exact: lossless; cspd: CSpD's last-step rule, the paper's Alg. 1 (not lossless)
-    accept: Literal["exact", "cspd"] = "exact"
-    relax_temperature: float = 1.0  # exact only: accept min(1, (P/Q)^(1/T)); T > 1 is NOT lossless
+    # exact: lossless | relaxed: min(1, (P/Q)^(1/T)) | cspd: CSpD's last-step rule, the paper's Alg. 1 | feature:
+    # Drift-AR's condition distance, no head call in verification. Only exact is target-distributed.
+    accept: Literal["exact", "relaxed", "cspd", "feature"] = "exact"
+    relax_temperature: float = 1.0  # relaxed only: accept min(1, (P/Q)^(1/T)), T > 1
     cspd_inner_temperature: float = 1.0  # cspd only: CSpD's T_in (42 in their code)
+    cspd_independent: bool = False  # cspd only: each draft accepted on its own (CSpD's code), not truncated
+    prefill_ratio: float = 0.0  # CSpD's token pre-filling: the first ratio*N tokens come from the target alone
+    feature_threshold: float = 0.1  # feature only: keep a draft while d(target cond, draft cond) <= this
+    feature_metric: Literal["l2", "cosine"] = "l2"  # feature only: l2 (Drift-AR) | cosine (1 - cos)
+    # cspd / feature: at an accepted position commit the draft's token or the target's (its chain on the draft's
+    # noise, one batched head call per round)
+    commit: Literal["draft", "target"] = "draft"
+    draft_steps: int | None = None  # fastardiff draft head chain steps; None = the student's (feature rule only)
     max_resample_tries: int = 16
     batch_size: int = 4
     compile: bool = False  # static KV cache + torch.compile'd AR decode/verify and head-chain steps (sampling/compiled.py)

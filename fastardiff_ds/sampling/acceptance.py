@@ -58,13 +58,28 @@ def gaussian_logpdf(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | flo
 def cspd_log_ratio(p_field, p_sampler, q_traj: Trajectory, inner_temperature: float = 1.0):
     """CSpD's last-step ratio (R,) plus the target's shared-noise trajectory (kept for resampling and fallback)."""
     p_traj = sample_tokens(p_field, p_sampler, shared_noise(q_traj))
+    return cspd_ratio(p_traj, q_traj, inner_temperature), p_traj
+
+
+def cspd_ratio(p_traj: Trajectory, q_traj: Trajectory, inner_temperature: float = 1.0) -> torch.Tensor:
+    """CSpD's log r (R,) of draft tokens q_traj.token given the target's chains p_traj run on the draft's noise."""
     x, D = q_traj.token, q_traj.token.shape[-1]
     s_p, s_q = p_traj.stds, q_traj.stds
     T = inner_temperature
-    log_r = (-0.5 * (((x - p_traj.means[:, -1]) / (s_p[-1] * T)) ** 2).sum(-1)
-             + 0.5 * (((x - q_traj.means[:, -1]) / (s_q[-1] * T)) ** 2).sum(-1)
-             + D * torch.log(s_q[-1] / s_p[-1]) + D * torch.log(s_p[:-1] / s_q[:-1]).sum())
-    return log_r, p_traj
+    return (-0.5 * (((x - p_traj.means[:, -1]) / (s_p[-1] * T)) ** 2).sum(-1)
+            + 0.5 * (((x - q_traj.means[:, -1]) / (s_q[-1] * T)) ** 2).sum(-1)
+            + D * torch.log(s_q[-1] / s_p[-1]) + D * torch.log(s_p[:-1] / s_q[:-1]).sum())
+
+
+def feature_distance(t_cond: torch.Tensor, d_cond: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """Drift-AR's verification statistic (...,): the distance between the target's and the draft's conditions of
+    the same position, l2 (their ||c_t - c_d||) or cosine (1 - cos). No head evaluation is needed."""
+    t, d = t_cond.float(), d_cond.float()
+    if metric == "l2":
+        return (t - d).norm(dim=-1)
+    if metric == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(t, d, dim=-1)
+    raise ValueError(f"feature metric {metric!r} (config key inference.feature_metric): choose l2 or cosine")
 
 
 def residual_accept_prob(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:

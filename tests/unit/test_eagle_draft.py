@@ -89,10 +89,10 @@ def test_speculative_gives_the_draft_the_target_states_of_committed_tokens():
     cfg, target, draft = build()
     ids, mask = prompts()
     B, N = 3, 12
-    ctx = sp._Ctx(target, draft, sp.SpecConfig(gamma=3, tau=-float("inf")), make_generators([4, 5, 6]), N,
+    ctx = sp.Ctx(target, draft, sp.SpecConfig(gamma=3, tau=-float("inf")), make_generators([4, 5, 6]), N,
                   torch.float64, DecodeStats())
     with torch.no_grad():
-        st = sp._start(ctx, ids, mask)
+        st = sp.start(ctx, ids, mask)
         for _ in range(3):
             sp._round(ctx, st)
         assert len(set(st.n.tolist())) > 1 and ctx.stats.accepted > 0

@@ -71,10 +71,10 @@ def test_cache_after_rollback_equals_fresh_cache(which):
     target, draft = build()
     ids, mask = prompts()
     B = 3
-    ctx = sp._Ctx(target, draft, sp.SpecConfig(gamma=3, tau=-float("inf")), make_generators([4, 5, 6]), 12,
+    ctx = sp.Ctx(target, draft, sp.SpecConfig(gamma=3, tau=-float("inf")), make_generators([4, 5, 6]), 12,
                   torch.float64, DecodeStats())
     with torch.no_grad():
-        st = sp._start(ctx, ids, mask)
+        st = sp.start(ctx, ids, mask)
         for _ in range(2):
             sp._round(ctx, st)
         assert len(set(st.n.tolist())) > 1  # rows really sit at different lengths
