@@ -1,4 +1,4 @@
-"""Analytic reference models for the samplers and for exactness checks of speculative decoding.
+"""Test doubles: analytic reference models for the samplers and for exactness checks of speculative decoding.
 
 `GaussianFlowHead`: the exact velocity of rectified flow towards data N(mu, s^2 I), with mu given by the condition:
 x_t = t x + (1-t) eps ~ N(t mu, sigma_t^2 I), sigma_t^2 = t^2 s^2 + (1-t)^2, and

@@ -19,7 +19,7 @@ from fastardiff_ds.sampling.flow import SamplerConfig, Trajectory, gaussian_chai
 from fastardiff_ds.sampling.guidance import VelocityField
 from fastardiff_ds.sampling.noise import make_generators
 from fastardiff_ds.sampling.speculative import SpecConfig
-from fastardiff_ds.sampling.toy import GaussianFlowHead
+from toy import GaussianFlowHead
 
 D, N = 3, 5
 SDE2 = SamplerConfig("sde", 2, noise_level=1.0)

@@ -176,7 +176,7 @@ def test_sample_rows_uses_the_chain():
         calls.append(noise.shape)
         return sample_tokens(fld, cfg, noise)
 
-    from fastardiff_ds.sampling.toy import GaussianFlowHead
+    from toy import GaussianFlowHead
 
     model = ARFlow(None, GaussianFlowHead(2, 0.5), SamplerConfig("sde", 3), chain=chain)
     gens = make_generators([0, 1])

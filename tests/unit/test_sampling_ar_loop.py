@@ -6,7 +6,7 @@ from fastardiff_ds.sampling.common import ARFlow
 from fastardiff_ds.sampling.flow import SamplerConfig
 from fastardiff_ds.sampling.guidance import CFGConfig
 from fastardiff_ds.sampling.noise import make_generators
-from fastardiff_ds.sampling.toy import GaussianFlowHead, ToyAR
+from toy import GaussianFlowHead, ToyAR
 
 D, S = 2, 0.5
 ODE = SamplerConfig(kind="ode", num_steps=200)

@@ -7,7 +7,7 @@ import torch
 from fastardiff_ds.sampling.flow import (SamplerConfig, gaussian_chain_logprob, require_density, sample_tokens,
                                          time_grid, trajectory_logprob, transition_stds)
 from fastardiff_ds.sampling.guidance import CFGConfig, HeadCounter, VelocityField, guidance_scale
-from fastardiff_ds.sampling.toy import GaussianFlowHead
+from toy import GaussianFlowHead
 
 D = 2
 MU = torch.tensor([1.5, -0.5], dtype=torch.float64)

@@ -8,7 +8,7 @@ from fastardiff_ds.sampling.flow import SamplerConfig
 from fastardiff_ds.sampling.guidance import CFGConfig
 from fastardiff_ds.sampling.noise import make_generators
 from fastardiff_ds.sampling.speculative import SpecConfig, speculative_generate
-from fastardiff_ds.sampling.toy import GaussianFlowHead, ToyAR
+from toy import GaussianFlowHead, ToyAR
 
 D = 2
 SAMPLER = SamplerConfig(kind="sde", num_steps=4, noise_level=1.0)
