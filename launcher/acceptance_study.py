@@ -1,4 +1,4 @@
-"""Acceptance vs draft-feature fidelity, teacher-forced on the target's own samples (fastardiff_ds/sampling/fidelity.py).
+"""Acceptance vs draft-feature fidelity, teacher-forced on the target's own samples (fastardiff_ds/analysis/fidelity.py).
 
     python launcher/acceptance_study.py --ckpt runs/bench_joint/export --num-prompts 8 --head student \
         --mixes 0 0.5 0.8 0.9 0.95 0.99 1 --rules exact cspd --json runs/bench_joint/fidelity.json
@@ -18,7 +18,7 @@ import torch
 from fastardiff_ds.cli import add_vae_arg, vae_overrides
 from fastardiff_ds.data.shapes import eval_prompts
 from fastardiff_ds.inference import load_pipeline
-from fastardiff_ds.sampling.fidelity import acceptance_vs_fidelity
+from fastardiff_ds.analysis.fidelity import acceptance_vs_fidelity
 
 
 def main(argv=None):

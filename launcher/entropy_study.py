@@ -3,7 +3,7 @@
     python launcher/entropy_study.py --ckpt paper=runs/j_full/export align=runs/j_align/export \
         --num-prompts 16 --head student --json runs/entropy/study.json --plot runs/entropy/fig6.png
 
-For each checkpoint (teacher-forced on the target's own samples, fastardiff_ds/sampling/entropy_study.py): the
+For each checkpoint (teacher-forced on the target's own samples, fastardiff_ds/analysis/entropy_study.py): the
 histograms of the draft's shallow-layer entropy and the target's at the corresponding layer (Fig. 6), acceptance
 against entropy, and two thresholds with what they keep: tau from Eq. 10 and the calibrated tau (the one that keeps
 exactly the drafts whose acceptance pays for their cost). With W&B enabled (WANDB_MODE=offline) the plot and the
@@ -21,7 +21,7 @@ from fastardiff_ds.config.rules import align_layer
 from fastardiff_ds.data.shapes import eval_prompts
 from fastardiff_ds.inference import load_pipeline
 from fastardiff_ds.sampling.draft_policy import draft_cost_ratio
-from fastardiff_ds.sampling.entropy_study import calibrate_tau, entropy_study
+from fastardiff_ds.analysis.entropy_study import calibrate_tau, entropy_study
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor, bins: int = 40) -> float:

@@ -2,9 +2,9 @@
 
 Teacher-forced on committed sequences (the target's own samples), for every image token i >= 1:
 - e_i: the draft's shallow-layer entropy at the position that decides whether token i is drafted (the draft has
-  just read token i-1; speculative.py stops drafting when e_i < tau);
+  just read token i-1; sampling/speculative.py stops drafting when e_i < tau);
 - a_i: the acceptance probability min(1, P/Q) of a draft of token i (draft chain under the draft's condition,
-  exact rule against the target's chain), as sampling/fidelity.py measures it;
+  exact rule against the target's chain), as fidelity.py measures it;
 - the target's entropy at the corresponding layer (rules.align_layer), for the draft-vs-target histogram (Fig. 6).
 
 tau from Eq. 10 (0.3 mean - 0.1 std of e) is one rule. `calibrate_tau` is another, beyond the paper: the tau that
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .acceptance import exact_log_ratio
-from .common import ARFlow
+from ..sampling.acceptance import exact_log_ratio
+from ..sampling.common import ARFlow
+from ..sampling.flow import sample_tokens
 from .fidelity import _field, _teacher_forced
-from .flow import sample_tokens
 
 
 @dataclass

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .acceptance import cspd_log_ratio, exact_log_ratio
-from .common import ARFlow, prompt_rows
-from .flow import sample_tokens
-from .guidance import HeadCounter, VelocityField, guidance_scale
+from ..sampling.acceptance import cspd_log_ratio, exact_log_ratio
+from ..sampling.common import ARFlow, prompt_rows
+from ..sampling.flow import sample_tokens
+from ..sampling.guidance import HeadCounter, VelocityField, guidance_scale
 
 
 @dataclass

@@ -5,10 +5,9 @@ from .flow import SamplerConfig, Trajectory, require_density, sample_tokens, tra
 from .guidance import CFGConfig, VelocityField, guidance_scale
 from .noise import make_generators
 from .speculative import SpecConfig, speculative_generate
-from .two_sample import energy_test, moment_test, two_sample_test
 
 __all__ = [
     "ARFlow", "CFGConfig", "DecodeStats", "GenerationResult", "SamplerConfig", "SpecConfig", "Trajectory",
-    "VelocityField", "energy_test", "generate_ar", "guidance_scale", "make_generators", "moment_test",
-    "require_density", "sample_tokens", "speculative_generate", "trajectory_logprob", "two_sample_test",
+    "VelocityField", "generate_ar", "guidance_scale", "make_generators", "require_density", "sample_tokens",
+    "speculative_generate", "trajectory_logprob",
 ]

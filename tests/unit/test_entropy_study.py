@@ -10,7 +10,7 @@ from fastardiff_ds.config.schema import ARConfig, DraftConfig, HeadConfig, Image
 from fastardiff_ds.models.ar import DraftAR, TargetAR
 from fastardiff_ds.models.flow_head import FlowHead
 from fastardiff_ds.sampling.common import ARFlow
-from fastardiff_ds.sampling.entropy_study import EntropyStudy, calibrate_tau, entropy_study
+from fastardiff_ds.analysis.entropy_study import EntropyStudy, calibrate_tau, entropy_study
 from fastardiff_ds.sampling.flow import SamplerConfig
 from fastardiff_ds.sampling.guidance import CFGConfig
 

@@ -6,7 +6,7 @@ import torch
 
 from fastardiff_ds.config import apply_overrides, get_preset
 from fastardiff_ds.inference import Pipeline, random_init_bundle
-from fastardiff_ds.sampling.fidelity import FidelityPoint, acceptance_vs_fidelity, teacher_forced_conditions
+from fastardiff_ds.analysis.fidelity import FidelityPoint, acceptance_vs_fidelity, teacher_forced_conditions
 
 
 @pytest.fixture(scope="module")

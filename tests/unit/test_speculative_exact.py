@@ -15,6 +15,7 @@ P instead of the residual, CSpD's published rule (inner temperature 42) and CSpD
 import pytest
 import torch
 
+from fastardiff_ds.analysis.two_sample import two_sample_test
 from fastardiff_ds.sampling import speculative
 from fastardiff_ds.sampling.ar_loop import generate_ar
 from fastardiff_ds.sampling.common import ARFlow
@@ -22,8 +23,7 @@ from fastardiff_ds.sampling.flow import SamplerConfig
 from fastardiff_ds.sampling.guidance import CFGConfig
 from fastardiff_ds.sampling.noise import make_generators
 from fastardiff_ds.sampling.speculative import SpecConfig, speculative_generate
-from fastardiff_ds.sampling.toy import GaussianFlowHead, ToyAR
-from fastardiff_ds.sampling.two_sample import two_sample_test
+from toy import GaussianFlowHead, ToyAR
 
 N_SAMPLES, N_TOKENS, D = 2000, 4, 2
 SAMPLER = SamplerConfig(kind="sde", num_steps=4, noise_level=1.0)
