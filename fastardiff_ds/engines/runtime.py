@@ -32,6 +32,7 @@ from fastardiff_ds.engines.engine import Engine, EngineSpec, build_engine
 from fastardiff_ds.engines.groups import contiguous_groups
 from fastardiff_ds.engines.teacher import FrozenEngine, build_frozen, build_teacher
 
+
 class Runtime:
     """A handle over this process's place in the job (torch.distributed state is process-wide).
 
