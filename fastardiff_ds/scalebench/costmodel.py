@@ -1,0 +1,69 @@
+"""The analytic per-image cost from per-call costs (calls.py), and the acceptances where speculation pays.
+
+Two forms:
+- `price(log, costs)`: the sum over the calls a run actually made (replay.CallLog), each decode priced at the KV
+  length it ran at (piecewise-linear in L between measured points), each chain and head call at its measured cost.
+  This is what is compared with the measured seconds of every row (`max_model_error`).
+- `expected_fastardiff(a, ...)`: the same round in expectation at per-draft acceptance a, drafting gamma tokens:
+  accepted per round E = a + a^2 + ... + a^gamma, tokens per round 1 + E, a round costs
+  window + (gamma+1) chains + (gamma-1) draft decodes + verify(gamma+1) + logprob(gamma K) + (1 - a^gamma) logprob(K),
+  at the mean KV length. `solve_acceptance` inverts it against a target time (dmd, or a speedup over dmd).
+"""
+from __future__ import annotations
+
+from .calls import interp
+
+
+def call_ms(costs: dict, name: str, kv: int | None) -> float:
+    if name in costs["at_kv"]:
+        return interp(costs["at_kv"][name], kv)
+    return costs["fixed"][name]
+
+
+def price(log, costs: dict) -> float:
+    """Seconds the calls of `log` cost at `costs`."""
+    return sum(call_ms(costs, name, kv) for name, kv in log.calls) / 1000.0
+
+
+def loop_seconds(costs: dict, kind: str, prompt_len: int, num_tokens: int) -> float:
+    from .replay import loop_log
+
+    return price(loop_log(kind, prompt_len, num_tokens), costs)
+
+
+def expected_fastardiff(a: float, costs: dict, prompt_len: int, num_tokens: int, gamma: int, steps: int) -> float:
+    """Expected seconds per image of fastardiff at per-draft acceptance a (see the module docstring)."""
+    L = prompt_len + num_tokens / 2
+    c = lambda name, kv=None: call_ms(costs, name, kv)  # noqa: E731
+    accepted = sum(a**j for j in range(1, gamma + 1))
+    rnd = (c("draft_b1_k2", L) + (gamma + 1) * c("chain_student") + (gamma - 1) * c("draft_b1_k1", L)
+           + c(f"verify_t_b1_k{gamma + 1}", L) + c(f"logprob_r{gamma * steps}") + (1 - a**gamma) * c(f"logprob_r{steps}"))
+    start = c("prefill_t_b1") + c("prefill_d_b1") + c("chain_student")
+    return (start + (num_tokens - 1) / (1 + accepted) * rnd) / 1000.0
+
+
+def solve_acceptance(goal_s: float, costs: dict, prompt_len: int, num_tokens: int, gamma: int,
+                     steps: int) -> float | None:
+    """The smallest per-draft acceptance a in [0, 1] whose expected time is <= goal_s (None: not even a = 1)."""
+    f = lambda a: expected_fastardiff(a, costs, prompt_len, num_tokens, gamma, steps)  # noqa: E731
+    if f(1.0) > goal_s:
+        return None
+    if f(0.0) <= goal_s:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if f(mid) <= goal_s else (mid, hi)
+    return round(hi, 4)
+
+
+def acceptance_targets(costs: dict, prompt_len: int, num_tokens: int, gamma: int, steps: int) -> dict:
+    """break_even (fastardiff = dmd) and the acceptances for 1.5x / 1.8x over dmd and over the baseline."""
+    dmd = loop_seconds(costs, "dmd", prompt_len, num_tokens)
+    base = loop_seconds(costs, "baseline", prompt_len, num_tokens)
+    solve = lambda goal: solve_acceptance(goal, costs, prompt_len, num_tokens, gamma, steps)  # noqa: E731
+    return {"break_even_acceptance": solve(dmd),
+            "acceptance_for_speedup_over_dmd": {"1.5x": solve(dmd / 1.5), "1.8x": solve(dmd / 1.8)},
+            "speedup_over_dmd_at_acceptance_1": dmd / expected_fastardiff(1.0, costs, prompt_len, num_tokens,
+                                                                           gamma, steps),
+            "modelled_baseline_s": base, "modelled_dmd_s": dmd}
