@@ -5,6 +5,10 @@ or ``4 * largest_layer + 2 * params / total_gpus`` with the optimizer offloaded 
 (``deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs``, the function that
 ``estimate_zero3_model_states_mem_needs_all_cold`` prints). Frozen (inference engine, bf16):
 ``2 * params / group_size + 2 * largest_layer`` (its shard + one gathered layer). Activations are extra.
+``precision="fp32"`` (DeepSpeed on CPU: bf16 is off there, ds_config.bf16_enabled) counts what ZeRO-3 holds in
+fp32 instead: ``4 * largest_layer + 20 * params / total_gpus`` (fp32 shard, its fp32 master copy, fp32 gradient
+partition, Adam m and v) and ``4 * params / group_size + 4 * largest_layer`` frozen; scripts/rss_build.py checks it
+against host RSS.
 Param counts are taken by id, so modules on the meta device work (DeepSpeed's own ``model_to_params``
 deduplicates by ``data_ptr``, which is 0 for every meta tensor).
 """
@@ -61,7 +65,7 @@ def ds_estimator_report(total: int, largest_layer: int, num_gpus_per_node: int, 
 
 
 def estimate_memory(models: dict, num_gpus_per_node: int, num_nodes: int = 1,
-                    offload_optimizer: bool = False) -> dict:
+                    offload_optimizer: bool = False, precision: str = "bf16") -> dict:
     """Per-GPU model-state bytes of each network and their sum.
 
     ``models``: name -> ``nn.Module`` | param count | (total, largest_layer) | ``NetSize`` (use
@@ -70,11 +74,18 @@ def estimate_memory(models: dict, num_gpus_per_node: int, num_nodes: int = 1,
     """
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
+    if precision not in ("bf16", "fp32") or (precision == "fp32" and offload_optimizer):
+        raise ValueError(f"estimate_memory: precision={precision!r} (bf16 | fp32; fp32 without optimizer offload)")
     total_gpus = num_gpus_per_node * num_nodes
     out: dict = {}
     for name, spec in models.items():
         s = _as_size(spec)
-        if s.trainable:
+        if precision == "fp32":
+            g = total_gpus if s.trainable else min(s.group_size or total_gpus, total_gpus)
+            gpu = (4 * s.largest_layer + 20 * s.total // g if s.trainable
+                   else 4 * s.total // g + (4 * s.largest_layer if g > 1 else 0))
+            cpu = 0
+        elif s.trainable:
             cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
                 s.total, s.largest_layer, num_gpus_per_node, num_nodes, cpu_offload=offload_optimizer,
                 cpu_offload_params=False, zero_init=True)

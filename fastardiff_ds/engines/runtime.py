@@ -30,6 +30,7 @@ from fastardiff_ds.engines import dist as D
 from fastardiff_ds.engines import export as export_io
 from fastardiff_ds.engines.engine import Engine, EngineSpec, build_engine
 from fastardiff_ds.engines.groups import contiguous_groups
+from fastardiff_ds.engines.partitioned_init import rerun_init_partitioned
 from fastardiff_ds.engines.teacher import FrozenEngine, build_frozen, build_teacher
 
 
@@ -141,6 +142,11 @@ class Runtime:
     def build_frozen(self, name: str, build_fn: Callable[[], nn.Module], ds_base: dict, **kwargs) -> FrozenEngine:
         """A frozen network partitioned over the world (or replicated); collective."""
         return build_frozen(name, build_fn, ds_base, **kwargs)
+
+    def rerun_init_partitioned(self, module: nn.Module, fn: Callable[[nn.Module], None]) -> None:
+        """``fn(module)`` on whole parameters of a module built under ``zero.Init`` (rank 0's result is kept
+        everywhere; a no-op when not partitioned; see `engines.partitioned_init`); collective when partitioned."""
+        rerun_init_partitioned(module, fn)
 
     def gathered_state_dict(self, obj, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Full weights of an engine/module on rank 0 (``{}`` elsewhere); collective."""

@@ -111,14 +111,26 @@ class PretrainTask:
         spec = E.EngineSpec("model", pc.lr, tuple(pc.betas), weight_decay=pc.weight_decay, grad_clip=pc.grad_clip,
                             schedule="constant")  # the schedule is `sched` (schedules.lr, as before stage 0 ran here)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        # Built whole, then partitioned by deepspeed.initialize: under zero.Init the head's post-construction init
-        # (zero adaLN / output layers, flow_head.py) would write to empty shards and be lost.
-        self.engine = rt.build_engine(init_pretrain_net(cfg), spec, ds_base, micro_batch=cfg.data.batch_size,
+        self.engine = rt.build_engine(self._net(), spec, ds_base, micro_batch=cfg.data.batch_size,
                                       grad_accum=1, lr_lambda=sched)
         self.engines = {"model": self.engine}
         self.ema_module = self._build_ema(ds_base)
         self.modules = {"ema": self.ema_module}
         self.step_fns = {"pretrain": self.pretrain_step}
+
+    def _net(self):
+        """A builder for a random start: under ZeRO-3 the engine runs it inside zero.Init, so every rank holds its
+        shard plus one module at a time, never the whole model. The head's adaLN-zero init (flow_head.py) runs
+        after its layers are built, when they are already partitioned, so it is re-run on gathered weights (the
+        same random draws as a whole build). pretrain.init loads a checkpoint whole (from_pretrained)."""
+        if self.cfg.pretrain.init:
+            return init_pretrain_net(self.cfg)
+
+        def build() -> Dispatch:
+            net = build_pretrain_net(self.cfg)
+            self.rt.rerun_init_partitioned(net.inner.head.net, lambda m: m.reset_parameters())
+            return net
+        return build
 
     def _build_ema(self, ds_base: dict):
         """fp32 (an EMA in bf16 would round away updates of size (1 - decay)), partitioned like the engine under
