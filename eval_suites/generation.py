@@ -7,6 +7,7 @@ lazily, only on the `generate` path of a CLI).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,10 @@ def write_generation_folder(metadata: list[dict], out_dir: str | os.PathLike, ge
         raise ValueError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    record = getattr(generate_images, "record", None)  # the rule and tolerances that make these images
+    if record is not None:
+        (out_dir / "generation.json").write_text(json.dumps({**record, "seed": seed, "n_per_prompt": n_per_prompt},
+                                                            indent=2, default=str) + "\n")
     for idx, meta in enumerate(tqdm(metadata, desc="generate", unit="prompt")):
         if "prompt" not in meta:
             raise KeyError(f"metadata entry {idx} has no 'prompt' key: {meta}")
@@ -65,6 +70,7 @@ def pipeline_generator(ckpt: str, preset: str | None, mode: str, overrides: list
     def generate(prompt: str, n: int, seed: int) -> list:
         return pipeline.generate([prompt] * n, [seed + j for j in range(n)])
 
+    generate.record = {"ckpt": str(ckpt), "overrides": list(overrides or []), **pipeline.rule()}
     return generate
 
 

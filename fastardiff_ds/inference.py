@@ -101,6 +101,23 @@ class Pipeline:
                           inf.commit)
         return speculative_generate(flow, draft_flow, ids, mask, n, gens, spec, progress=self.progress)
 
+    def rule(self) -> dict:
+        """How this pipeline's images are made, as written beside them (stats.json, the benchmark JSON, eval image
+        folders): the mode, and for speculative modes the acceptance rule with the tolerances it reads."""
+        inf = self.inf
+        if self.mode in ("baseline", "dmd"):
+            return {"mode": self.mode, "target_distributed": True}
+        keys = {"exact": (), "relaxed": ("relax_temperature",),
+                "cspd": ("cspd_inner_temperature", "cspd_independent", "commit"),
+                "feature": ("feature_threshold", "feature_metric", "commit", "draft_steps")}[inf.accept]
+        out = {"mode": self.mode, "accept": inf.accept, "target_distributed": inf.accept == "exact",
+               "gamma": inf.gamma, "draft_policy": inf.draft_policy, "prefill_ratio": inf.prefill_ratio,
+               "tau": self.inf.tau if self.inf.tau is not None else self.bundle.meta.get("tau")}
+        out.update({k: getattr(inf, k) for k in keys})
+        if self.mode == "sd":
+            out["tau"] = None  # sd: no early stop
+        return out
+
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> list:
         if len(prompts) != len(seeds):

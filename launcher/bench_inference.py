@@ -75,7 +75,7 @@ def main(argv=None):
     for name, m in (("ar", bundle.target), ("ar", bundle.draft), ("head", bundle.head), ("head", bundle.student)):
         if m is not None:
             timer.watch(name, m)
-    results, skipped = {}, {}
+    results, skipped, rules = {}, {}, {}
     for label, mode, overrides in rows:
         try:
             pipe = base if label == "baseline" else Pipeline(_with_overrides(bundle, overrides), mode, base.device)
@@ -99,6 +99,7 @@ def main(argv=None):
         r.stats, r.ar_seconds, r.head_seconds = sum_stats(pipe.stats), timer.seconds["ar"], timer.seconds["head"]
         r.recompiles = graphs_compiled() - g0
         results[label] = r
+        rules[label] = pipe.rule()
         print(f"{label}: {statistics_line(r)}", flush=True)
     cfg = bundle.cfg
     decode = {"target_s": decode_seconds(bundle.target, cfg.model.image.token_dim)}
@@ -110,6 +111,8 @@ def main(argv=None):
            "tau": bundle.meta.get("tau"), "decode_batch1_eager": decode, "variants": {lb: {"mode": m, "overrides": o} for lb, m, o in rows if o},
            "modes": summarize(results, len(prompts)), "skipped": skipped,
            "flops_per_token": {cfg.preset: flops_per_token(cfg), "nextstep-1-large": large_preset_split()}}
+    for label, rule in rules.items():  # the rule and tolerances that made each row's images
+        out["modes"][label]["rule"] = rule
     text = json.dumps(out, indent=2, default=str)
     print(text)
     print(markdown_table(out["modes"]))

@@ -93,7 +93,8 @@ def main(argv=None):
     make_grid(images, [p for p, _ in jobs], cols=a.num_images, scale=max(1, 128 // images[0].width),
               caption_height=12).save(out / "grid.png")
     stats = {"mode": a.mode, "images": len(images), "seconds_per_image": seconds / len(images),
-             "random_init": bool(a.random_init), "inference": dataclasses.asdict(pipe.inf),  # every sampling knob
+             "random_init": bool(a.random_init), "rule": pipe.rule(),
+             "inference": dataclasses.asdict(pipe.inf),  # every sampling knob
              "decode": [s.as_dict() for s in pipe.stats]}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps({k: v for k, v in stats.items() if k != "decode"}))

@@ -9,10 +9,10 @@ small kernels driven from Python. This module keeps the sampling code unchanged 
   one-token decode and the gamma+1-token verification pass each compile to one graph that is replayed for every
   token (a CUDA graph with mode="reduce-overhead" on GPU, inductor C++ kernels on CPU). Per-row lengths, left
   padding and O(1) rollback are the cache's as before. The prefill runs eagerly (once per image).
-- `HeadChain` runs a token's K-step chain (flow.py's `sample_tokens`, same transitions, same noise): the adaLN
-  modulations depend on (t, cond, guidance) only, so they are computed for all K steps in one batched call
-  (`FlowHead.chain_modulations`), and only the state-dependent part of each step -- the head's MLP on x, the CFG
-  combination and the Gaussian transition -- runs per step, as one compiled graph.
+- `HeadChain` runs a token's K-step chain (flow.py's `sample_tokens`, same transitions, same noise) as ONE compiled
+  graph: the adaLN modulations depend on (t, cond, guidance) only, so they are computed for all K steps in one
+  batched call (`FlowHead.chain_modulations`), then the K state-dependent steps -- the head's MLP on x, the CFG
+  combination and the Gaussian transition -- follow, unrolled (one graph per K and batch width).
 
 Outputs equal the eager path's within float32 tolerance for the same seeds (tests/unit/test_compiled.py);
 every step of a chain is still a Gaussian transition, so the exact speculative test is unchanged.
@@ -146,6 +146,19 @@ def _modulated_step(head, x, mods, w, t, t_next, std, eps, cfg: SamplerConfig, t
     return m, m + std * eps
 
 
+def _whole_chain(head, cond, guidance, w, noise, grid, stds, cfg: SamplerConfig, two_pass: bool):
+    """A token's K-step chain as one graph: its adaLN modulations, then K `_modulated_step`s (K = noise.shape[1]-1,
+    static) -> (states (N,K+1,D), means (N,K,D))."""
+    mods = head.chain_modulations(grid[:-1], cond, guidance)
+    x, states, means = noise[:, 0], [noise[:, 0]], []
+    for k in range(noise.shape[1] - 1):
+        m, x = _modulated_step(head, x, [mk[k] for mk in mods], w, grid[k], grid[k + 1], stds[k], noise[:, k + 1],
+                               cfg, two_pass)
+        states.append(x)
+        means.append(m)
+    return torch.stack(states, 1), torch.stack(means, 1)
+
+
 def _field_step(field, x, t, t_next, std, eps, cfg: SamplerConfig):
     """The same transition for a head without `chain_modulations` (e.g. the analytic toy heads of the tests)."""
     n = x.shape[0]
@@ -160,7 +173,7 @@ class HeadChain:
         opts = opts or CompileOptions()
         self.head, self.timer = head, timer
         device = torch.device(device)
-        self._mod_step = _Compiled(_modulated_step, opts, device)
+        self._chain = _Compiled(_whole_chain, opts, device)
         self._field_step = _Compiled(_field_step, opts, device)
 
     def __call__(self, fld, cfg: SamplerConfig, noise: torch.Tensor) -> Trajectory:
@@ -176,29 +189,28 @@ class HeadChain:
         K, N = cfg.steps, noise.shape[0]
         grid = time_grid(cfg, noise.device, torch.float64)
         stds = transition_stds(cfg, noise.device, noise.dtype)
-        step = self._steps(fld, grid, cfg)
-        x, states, means = noise[:, 0], [noise[:, 0]], []
-        for k in range(K):
-            m, x = step(k, x, grid[k], grid[k + 1], stds[k], noise[:, k + 1])
-            states.append(x)
-            means.append(m)
+        if hasattr(self.head, "chain_modulations"):
+            mode = fld.cfg.mode
+            cond = torch.cat([fld.cond, fld.uncond]) if mode == "two_pass" else fld.cond
+            guidance = fld.scale if mode == "distilled" else None
+            w = fld.scale.to(fld.cond.dtype) if mode == "two_pass" else None
+            states, means = self._chain(self.head, cond, guidance, w, noise, grid, stds, cfg, mode == "two_pass")
+        else:
+            states, means = self._field_chain(fld, grid, stds, cfg, noise)
         if fld.counter is not None:  # the same counts as K calls of the VelocityField
             fld.counter.calls += K
             fld.counter.rows += K * N * fld.cfg.batch_mult
-        return Trajectory(torch.stack(states, 1), torch.stack(means, 1), stds)
+        return Trajectory(states, means, stds)
 
-    def _steps(self, fld, grid: torch.Tensor, cfg: SamplerConfig):
-        """A function (k, x, t, t_next, std, eps) -> (mean, state) for this field's chain."""
-        mode = fld.cfg.mode
-        if not hasattr(self.head, "chain_modulations"):
-            plain = dataclasses.replace(fld, counter=None)
-            return lambda k, x, t, tn, s, e: self._field_step(plain, x, t, tn, s, e, cfg)
-        cond = torch.cat([fld.cond, fld.uncond]) if mode == "two_pass" else fld.cond
-        guidance = fld.scale if mode == "distilled" else None
-        mods = self.head.chain_modulations(grid[:-1], cond, guidance)  # each (K, N*m, *)
-        w = fld.scale.to(fld.cond.dtype) if mode == "two_pass" else None
-        return lambda k, x, t, tn, s, e: self._mod_step(self.head, x, [mk[k] for mk in mods], w, t, tn, s, e,
-                                                        cfg, mode == "two_pass")
+    def _field_chain(self, fld, grid, stds, cfg: SamplerConfig, noise: torch.Tensor):
+        """A head without `chain_modulations` (e.g. the analytic toy heads of the tests): one compiled step each."""
+        plain = dataclasses.replace(fld, counter=None)
+        x, states, means = noise[:, 0], [noise[:, 0]], []
+        for k in range(cfg.steps):
+            m, x = self._field_step(plain, x, grid[k], grid[k + 1], stds[k], noise[:, k + 1], cfg)
+            states.append(x)
+            means.append(m)
+        return torch.stack(states, 1), torch.stack(means, 1)
 
 
 def _section(timer, name: str):

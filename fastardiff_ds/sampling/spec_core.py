@@ -213,7 +213,9 @@ def draft(ctx: Ctx, st: State, active: torch.Tensor, gmax: torch.Tensor) -> Draf
     g = torch.zeros(B, dtype=torch.long, device=dev)
     states, means, conds = [], [], []
     sessions = active & (gmax > 0)
-    if ctx.spec.drafts and bool(sessions.any()):  # else no sample drafts again: skip its window
+    # else no sample drafts again: skip its window, unless samples will draft after a pre-filled prefix (the draft
+    # reads the target's tokens there, one per round, so its cache stays one window behind)
+    if ctx.spec.drafts and bool((sessions | (active & prefilled(ctx, st))).any()):
         step = _draft_window(ctx, st)
         ok = _entropy_ok(ctx, step, B)
         ctx.stats.draft_sessions += int(sessions.sum())
@@ -284,8 +286,12 @@ def commit(ctx: Ctx, st: State, tokens: torch.Tensor, c: torch.Tensor, accepted:
 def draft_budget(ctx: Ctx, st: State, active: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """Most drafts per sample this round (B,): the policy's choice, the room left, and the pre-filled prefix."""
     gmax = torch.clamp(torch.minimum(chosen, ctx.num_tokens - st.n - 1), min=0)
-    prefilled = st.n < math.ceil(ctx.spec.prefill_ratio * ctx.num_tokens)  # CSpD's token pre-filling
-    return torch.where(active & ~prefilled, gmax, torch.zeros_like(gmax))
+    return torch.where(active & ~prefilled(ctx, st), gmax, torch.zeros_like(gmax))
+
+
+def prefilled(ctx: Ctx, st: State) -> torch.Tensor:
+    """(B,) samples still in CSpD's token pre-filling: their first ceil(ratio*N) tokens come from the target alone."""
+    return st.n < math.ceil(ctx.spec.prefill_ratio * ctx.num_tokens)
 
 
 def target_sample(ctx: Ctx, st: State, tcond: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,

@@ -26,15 +26,16 @@ import torch
 from .acceptance import cspd_ratio, cspd_residual_logs, feature_distance, residual_accept_prob, shared_noise
 from .flow import Trajectory, sample_tokens, transition_stds
 from .noise import rand, randn, rand_varlen
-from .spec_core import Ctx, Drafts, State, commit, pair_field, scatter_pairs, target_sample
+from .spec_core import Ctx, Drafts, State, commit, pair_field, scatter_pairs
 from .spec_exact import fallback_rows
 
 
-def _round_noise(ctx: Ctx, dr: Drafts, P: int, active: torch.Tensor) -> torch.Tensor:
-    """(B, P, K+1, D) noise of the target's chains at round positions 0..P-1: the draft's own noise where it
-    drafted (all of it when both chains have K steps, x_0 only otherwise), fresh draws elsewhere."""
+def _round_noise(ctx: Ctx, dr: Drafts, active: torch.Tensor) -> torch.Tensor:
+    """(B, gamma+1, K+1, D) noise of the target's chains at round positions 0..gamma: the draft's own noise where it
+    drafted (all of it when both chains have K steps, x_0 only otherwise), fresh draws elsewhere. Every round
+    draws the same amount, so padded (static) and unpadded rounds use the same streams."""
     K, D = ctx.target.sampler.steps, ctx.target.token_dim
-    noise = randn(ctx.gens, (P, K + 1, D), device=dr.g.device, dtype=ctx.dtype, active=active)
+    noise = randn(ctx.gens, (ctx.spec.gamma + 1, K + 1, D), device=dr.g.device, dtype=ctx.dtype, active=active)
     G = dr.states.shape[1]
     if G:
         valid = torch.arange(G, device=dr.g.device)[None] < dr.g[:, None]
@@ -47,17 +48,21 @@ def _round_noise(ctx: Ctx, dr: Drafts, P: int, active: torch.Tensor) -> torch.Te
     return noise
 
 
-def _round_chains(ctx: Ctx, st: State, dr: Drafts, tcond, active: torch.Tensor):
-    """The target's chains at every round position (B, P) in one batched call -> (tokens (B,P,D), last means)."""
-    B, G = dr.g.shape[0], dr.states.shape[1]
-    P = (ctx.spec.gamma if ctx.static else G) + 1
-    noise = _round_noise(ctx, dr, P, active)
+def _chains_at(ctx: Ctx, st: State, tcond, noise, b: torch.Tensor, j: torch.Tensor, P: int):
+    """The target's chains at pairs (sample b, round position j) in one batched call -> tokens, last means (B,P,D)."""
+    B = st.n.shape[0]
+    fld = pair_field(ctx, ctx.target, tcond, st.n, b, j, ctx.stats.target_head)
+    traj = (ctx.target.chain or sample_tokens)(fld, ctx.target.sampler, noise[b, j])
+    return scatter_pairs(traj.token, b, j, B, P), scatter_pairs(traj.means[:, -1], b, j, B, P), traj.stds
+
+
+def _round_chains(ctx: Ctx, st: State, dr: Drafts, tcond, noise, active: torch.Tensor):
+    """The target's chains at every round position 0..G (0..gamma, padded, with static shapes)."""
+    P = (ctx.spec.gamma if ctx.static else dr.states.shape[1]) + 1
     pos = torch.arange(P, device=dr.g.device)[None]
     keep = active[:, None] & ((pos <= dr.g[:, None]) | ctx.static)  # static: padded rows, discarded
     b, j = torch.nonzero(keep, as_tuple=True)
-    fld = pair_field(ctx, ctx.target, tcond, st.n, b, j, ctx.stats.target_head)
-    traj = (ctx.target.chain or sample_tokens)(fld, ctx.target.sampler, noise[b, j])
-    return (scatter_pairs(traj.token, b, j, B, P), scatter_pairs(traj.means[:, -1], b, j, B, P), traj.stds)
+    return _chains_at(ctx, st, tcond, noise, b, j, P)
 
 
 def _cspd_ok(ctx: Ctx, dr: Drafts, p_mean_last, p_stds, valid) -> torch.Tensor:
@@ -122,19 +127,18 @@ def round_lossy(ctx: Ctx, st: State, dr: Drafts, tstep, active: torch.Tensor) ->
     dev = dr.g.device
     valid = (torch.arange(G, device=dev)[None] < dr.g[:, None]) & active[:, None]
     all_chains = spec.accept == "cspd" or spec.commit == "target"
+    noise = _round_noise(ctx, dr, active)
     if all_chains:
-        p_token, p_mean, p_stds = _round_chains(ctx, st, dr, tcond, active)
+        p_token, p_mean, p_stds = _round_chains(ctx, st, dr, tcond, noise, active)
     ok = _cspd_ok(ctx, dr, p_mean, p_stds, valid) if spec.accept == "cspd" else _feature_ok(ctx, dr, tcond, valid)
     drafts = dr.states[:, :, -1]
     independent = spec.accept == "cspd" and spec.cspd_independent
     a = dr.g.clone() if independent else ok.long().cumprod(1).sum(1)  # committed drafted positions
     if all_chains:
         y = p_token[:, : G + 1].clone()  # the target's token at every position
-    else:  # feature, commit=draft: the target's chain at the one position it adds
-        y = torch.zeros(B, G + 1, ctx.target.token_dim, device=dev, dtype=ctx.dtype)
+    else:  # feature, commit=draft: the target's chain at the one position it adds (same noise as commit=target)
         rows = torch.nonzero(active).flatten()
-        if rows.numel():
-            y[rows, a[rows]] = target_sample(ctx, st, tcond, a, rows, active)[1].token
+        y = _chains_at(ctx, st, tcond, noise, rows, a[rows], G + 1)[0]
     if spec.commit == "draft":
         keep = ok if independent else (torch.arange(G, device=dev)[None] < a[:, None])
         y[:, :G] = torch.where(keep[..., None], drafts, y[:, :G])

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fastardiff_ds.sampling import speculative
+from fastardiff_ds.sampling import spec_exact, speculative
 from fastardiff_ds.sampling.acceptance import (cspd_log_ratio, exact_log_ratio, gaussian_logpdf,
                                                residual_accept_prob, shared_noise)
 from fastardiff_ds.sampling.flow import SamplerConfig, Trajectory, gaussian_chain_logprob, sample_tokens
@@ -129,7 +129,7 @@ def test_cspd_log_ratio_std_factor():
 def _run(monkeypatch, accept_prob, tries):
     from test_speculative_exact import models, prompts
 
-    monkeypatch.setattr(speculative, "residual_accept_prob", lambda log_q, log_p: torch.full_like(log_q, accept_prob))
+    monkeypatch.setattr(spec_exact, "residual_accept_prob", lambda log_q, log_p: torch.full_like(log_q, accept_prob))
     target, draft = models()
     ids, mask = prompts(64)
     return speculative.speculative_generate(target, draft, ids, mask, 4, make_generators(range(64)),

@@ -206,6 +206,6 @@ def test_speculative_decoding_stays_lossless_with_compiled_chains():
     out, p = spec_vs_target(target, draft, SpecConfig(gamma=3, tau=0.5), label="compiled chains")
     assert 0.3 < out.stats.acceptance_rate < 0.8 and out.stats.fallbacks == 0
     assert p > 0.01
-    relaxed = SpecConfig(gamma=3, tau=0.5, relax_temperature=RELAXED)
+    relaxed = SpecConfig(gamma=3, tau=0.5, accept="relaxed", relax_temperature=RELAXED)
     _, p = spec_vs_target(target, draft, relaxed, label="compiled chains BROKEN relaxed")
     assert p < 0.01

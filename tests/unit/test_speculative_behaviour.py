@@ -105,7 +105,7 @@ def test_batched_equals_per_sample_runs():
 def test_relaxed_rule_accepts_more():
     target, draft = pair()
     exact = run(target, draft, SpecConfig(gamma=3), B=64).stats.acceptance_rate
-    relaxed = run(target, draft, SpecConfig(gamma=3, relax_temperature=4.0), B=64).stats.acceptance_rate
+    relaxed = run(target, draft, SpecConfig(gamma=3, accept="relaxed", relax_temperature=4.0), B=64).stats.acceptance_rate
     assert relaxed > exact + 0.1
 
 
@@ -125,6 +125,6 @@ def test_validation_errors():
     cfg_target = ARFlow(target.ar, target.head, SAMPLER, CFGConfig(scale=2.0))
     with pytest.raises(ValueError, match="unconditional"):
         run(cfg_target, draft, SpecConfig(), B=4)  # two-pass CFG but only B prompt rows
-    for bad in (dict(gamma=-1), dict(accept="greedy"), dict(relax_temperature=0.5), dict(tau=float("nan"))):
+    for bad in (dict(gamma=-1), dict(accept="greedy"), dict(accept="relaxed", relax_temperature=0.5), dict(relax_temperature=2.0), dict(prefill_ratio=1.0), dict(feature_threshold=-0.1), dict(accept="feature", feature_metric="dot"), dict(commit="both"), dict(tau=float("nan"))):
         with pytest.raises(ValueError):
             SpecConfig(**bad)

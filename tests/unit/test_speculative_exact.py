@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastardiff_ds.analysis.two_sample import two_sample_test
-from fastardiff_ds.sampling import speculative
+from fastardiff_ds.sampling import spec_exact
 from fastardiff_ds.sampling.ar_loop import generate_ar
 from fastardiff_ds.sampling.common import ARFlow
 from fastardiff_ds.sampling.flow import SamplerConfig
@@ -149,14 +149,14 @@ def test_relaxed_rule_is_detected(variant):
     import dataclasses
 
     target, draft, spec, rows, num_tokens = VARIANTS[variant]()
-    relaxed = dataclasses.replace(spec, relax_temperature=RELAXED)
+    relaxed = dataclasses.replace(spec, accept="relaxed", relax_temperature=RELAXED)
     _, p = spec_vs_target(target, draft, relaxed, rows, f"{variant} BROKEN relaxed", num_tokens)
     assert p < 0.01
 
 
 def test_always_accept_is_detected(monkeypatch):
     target, draft = models()
-    monkeypatch.setattr(speculative, "exact_log_ratio", lambda *a, **k: torch.tensor(float("inf"), dtype=torch.float64))
+    monkeypatch.setattr(spec_exact, "exact_log_ratio", lambda *a, **k: torch.tensor(float("inf"), dtype=torch.float64))
     out, p = spec_vs_target(target, draft, SpecConfig(gamma=3), label="BROKEN always-accept")
     assert out.stats.acceptance_rate == 1.0
     assert p < 0.01
@@ -164,7 +164,7 @@ def test_always_accept_is_detected(monkeypatch):
 
 def test_resampling_from_target_instead_of_residual_is_detected(monkeypatch):
     target, draft = models()
-    monkeypatch.setattr(speculative, "residual_accept_prob", lambda log_q, log_p: torch.ones_like(log_q))
+    monkeypatch.setattr(spec_exact, "residual_accept_prob", lambda log_q, log_p: torch.ones_like(log_q))
     _, p = spec_vs_target(target, draft, SpecConfig(gamma=3), label="BROKEN resample-from-P")
     assert p < 0.01
 
