@@ -219,3 +219,78 @@ def large_preset_split() -> dict:
 
 __all__ = ["DraftAR", "ModeResult", "SectionTimer", "flops_per_token", "large_preset_split", "markdown_table",
            "parse_variant", "sum_stats", "summarize"]
+
+
+def _median_ms(fn, reps: int, sync: bool) -> float:
+    for _ in range(3):  # warm-up: compilation and first-touch allocations
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+@torch.no_grad()
+def per_call_ms(pipe, gamma: int, prompt_len: int = 40, context: int = 32, reps: int = 20) -> dict:
+    """Median ms, batch 1, of each call a speculative round is made of, on `pipe`'s models as it runs them (eager or
+    compiled): target decode of 1 token and verification of k = 1..gamma+1 tokens, draft decode of 1 and 2 tokens
+    (its window), and the student chain (all its steps) at 1 and gamma+1 rows. Each after `context` image tokens."""
+    from .sampling.common import make_field, sample_rows
+    from .sampling.guidance import HeadCounter
+    from .sampling.noise import make_generators
+
+    target, draft = pipe.student_flow(pipe.bundle.target), pipe.student_flow(pipe.bundle.draft, pipe.inf.draft_steps)
+    w = pipe.bundle.target.embed_tokens.weight
+    dev, D, sync = w.device, target.token_dim, w.is_cuda
+    ids = torch.randint(4, pipe.bundle.target.config.vocab_size, (1, prompt_len),
+                        generator=torch.Generator().manual_seed(0)).to(dev)
+    out, H = {}, w.shape[1]
+    for name, flow in (("target", target), ("draft", draft)):
+        feats = (lambda T: {"feats": torch.zeros(1, T, H, device=dev, dtype=w.dtype)}) \
+            if getattr(flow.ar, "reads_features", False) else (lambda T: {})
+        cache = flow.ar.new_cache(1, prompt_len + context + gamma + 2)
+        step = flow.ar.prefill(ids, torch.ones_like(ids), cache, **feats(prompt_len))
+        for _ in range(context):
+            flow.ar.decode(torch.zeros(1, 1, D, device=dev, dtype=w.dtype), cache, **feats(1))
+        base = cache.lengths.clone()
+        sizes = range(1, gamma + 2) if name == "target" else (1, 2)
+        for T in sizes:
+            x = torch.zeros(1, T, D, device=dev, dtype=w.dtype)
+
+            def call(x=x, T=T, flow=flow, cache=cache, base=base, feats=feats):
+                cache.rollback(base)
+                flow.ar.decode(x, cache, **feats(T))
+            out[f"{name}_decode_{T}"] = _median_ms(call, reps, sync)
+    cond = step.cond[:, -1].repeat(gamma + 1, 1).float()
+    gens = make_generators(range(gamma + 1), "cpu")
+    for R in (1, gamma + 1):
+        rows, act = torch.arange(R, device=dev), torch.arange(gamma + 1, device=dev) < R
+        index = torch.zeros(gamma + 1, dtype=torch.long, device=dev)
+
+        def chain(rows=rows, act=act, index=index, R=R):
+            fld = make_field(target, cond, index, pipe.bundle.cfg.model.image.num_tokens, rows, HeadCounter(),
+                             torch.float32)
+            sample_rows(target, fld, gens, rows, act, torch.float32)
+        out[f"student_chain_{R}"] = _median_ms(chain, reps, sync)
+    if draft.sampler.steps != target.sampler.steps:
+        out["draft_chain_1"] = _median_ms(lambda: sample_rows(draft, make_field(
+            draft, cond, torch.zeros(gamma + 1, dtype=torch.long, device=dev), pipe.bundle.cfg.model.image.num_tokens,
+            torch.arange(1, device=dev), HeadCounter(), torch.float32), gens, torch.arange(1, device=dev),
+            torch.arange(gamma + 1, device=dev) < 1, torch.float32), reps, sync)
+    return out
+
+
+def round_cost_model(ms: dict, gamma: int) -> dict:
+    """What the measured calls alone (no Python glue between them) allow at batch 1: dmd's ms per token, and a
+    round of gamma drafts that all pass (draft window + gamma-1 draft decodes + gamma draft chains + one verification
+    of gamma+1 tokens + one target chain over gamma+1 rows), i.e. the speedup over dmd at acceptance 1."""
+    dmd = ms["target_decode_1"] + ms["student_chain_1"]
+    draft_chain = ms.get("draft_chain_1", ms["student_chain_1"])
+    rnd = (ms["draft_decode_2"] + (gamma - 1) * ms["draft_decode_1"] + gamma * draft_chain
+           + ms[f"target_decode_{gamma + 1}"] + ms[f"student_chain_{gamma + 1}"])
+    return {"dmd_ms_per_token": dmd, "round_ms_all_accepted": rnd, "tokens_per_round": gamma + 1,
+            "speedup_bound_vs_dmd_at_acceptance_1": dmd * (gamma + 1) / rnd}

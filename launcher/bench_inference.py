@@ -27,7 +27,8 @@ import copy
 import dataclasses
 
 from fastardiff_ds.benchmark import (ModeResult, SectionTimer, decode_seconds, flops_per_token, large_preset_split,
-                                     markdown_table, parse_variant, sum_stats, summarize)
+                                     markdown_table, parse_variant, per_call_ms, round_cost_model, sum_stats,
+                                     summarize)
 from fastardiff_ds.cli import add_vae_arg, vae_overrides
 from fastardiff_ds.config import apply_overrides
 from fastardiff_ds.data.shapes import eval_prompts
@@ -111,6 +112,16 @@ def main(argv=None):
            "tau": bundle.meta.get("tau"), "decode_batch1_eager": decode, "variants": {lb: {"mode": m, "overrides": o} for lb, m, o in rows if o},
            "modes": summarize(results, len(prompts)), "skipped": skipped,
            "flops_per_token": {cfg.preset: flops_per_token(cfg), "nextstep-1-large": large_preset_split()}}
+    if bundle.draft is not None and bundle.student is not None:  # what a round's calls cost, eager and compiled
+        calls = {}
+        for label, compiled in (("eager", False), ("compiled", True)):
+            if (a.compile == "off" and compiled) or (a.compile == "on" and not compiled):
+                continue
+            pipe = Pipeline(_with_overrides(bundle, [f"inference.compile={str(compiled).lower()}"]), "fastardiff",
+                            base.device)
+            ms = per_call_ms(pipe, cfg.inference.gamma)
+            calls[label] = {"per_call_ms": ms, "model": round_cost_model(ms, cfg.inference.gamma)}
+        out["round_calls"] = calls
     for label, rule in rules.items():  # the rule and tolerances that made each row's images
         out["modes"][label]["rule"] = rule
     text = json.dumps(out, indent=2, default=str)

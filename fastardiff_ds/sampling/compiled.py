@@ -111,7 +111,10 @@ class CompiledAR:
         opts = opts or CompileOptions()  # built per call: the backend default reads the environment then
         self.ar, self.timer = ar, timer  # timer: benchmark.SectionTimer, whose hooks cannot see compiled steps
         self.device = ar.embed_tokens.weight.device
-        self._decode = _Compiled(_decode, opts, self.device)
+        # a decode sees a handful of shapes (T = 1, the draft's 2-token window, gamma+1 verified positions): each
+        # gets its own static graph, since dynamic-shape kernels for small T run up to 2x slower on CPU
+        static = dataclasses.replace(opts, dynamic=False) if opts.dynamic is None else opts
+        self._decode = _Compiled(_decode, static, self.device)
 
     def __getattr__(self, name):  # token_dim, explicit_layer, parameters(), ... of the wrapped model
         return getattr(self.ar, name)

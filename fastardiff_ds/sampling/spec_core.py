@@ -127,7 +127,8 @@ class Ctx:
     dtype: torch.dtype
     stats: DecodeStats
     policy: DraftPolicy = DraftPolicy()  # fixed gamma unless speculative_generate sets an adaptive one
-    static: bool = False  # compiled models: pad the verification pass to gamma+1 positions (one graph)
+    static: bool = False  # compiled models: pad the verification pass to gamma+1 positions (one graph; the pad
+    # follows the drafts, so under causal attention it changes no verified position)
 
 
 @dataclass

@@ -59,7 +59,7 @@ def speculative_generate(target: ARFlow, draft: ARFlow, input_ids: torch.Tensor,
             cost = spec.draft_cost or draft_cost_ratio(target, draft)
             policy = DraftPolicy("adaptive", cost, probe_drafts=spec.probe_drafts)
     ctx = Ctx(target, draft, spec, generators, num_tokens, torch.float32, DecodeStats(), policy,
-              static=spec.lossy and _static(target))
+              static=_static(target))
     st = start(ctx, input_ids, attention_mask)
     bar = None
     if progress:
