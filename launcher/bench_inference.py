@@ -8,7 +8,8 @@
 Prints and writes JSON: per mode latency per image (median, p90), speedup vs baseline, target/draft forward counts,
 mean accepted length, acceptance rate, early-stop rate, head evaluations, share of time in AR vs head, the upper
 bound on speedup the counts imply; plus the per-token AR:head FLOP split of this preset next to nextstep-1-large's.
-Every row runs eager and again compiled (`--compile both`, the default: LABEL-compiled rows use a static KV cache and
+Rows are warmed up first and then timed interleaved, batch by batch (a drifting machine load slows every row
+alike). Every row runs eager and again compiled (`--compile both`, the default: LABEL-compiled rows use a static KV cache and
 torch.compile'd AR and head steps, inference.compile=true), with warm-up (compile) seconds, graphs compiled during
 warm-up and recompilations during the timed runs; speedups are given over the eager and over the compiled baseline.
 Last, the same rows as a markdown table (fastardiff_ds.benchmark.markdown_table).
@@ -76,8 +77,8 @@ def main(argv=None):
     for name, m in (("ar", bundle.target), ("ar", bundle.draft), ("head", bundle.head), ("head", bundle.student)):
         if m is not None:
             timer.watch(name, m)
-    results, skipped, rules = {}, {}, {}
-    for label, mode, overrides in rows:
+    results, skipped, rules, pipes = {}, {}, {}, {}
+    for label, mode, overrides in rows:  # build and warm up every row first ...
         try:
             pipe = base if label == "baseline" else Pipeline(_with_overrides(bundle, overrides), mode, base.device)
         except ValueError as e:  # e.g. no draft / student in the checkpoint
@@ -91,16 +92,18 @@ def main(argv=None):
         pipe.generate(prompts[:warm], seeds[:warm])  # warm-up (and compilation), excluded
         r.warmup_s, r.graphs_warmup = time.perf_counter() - t0, graphs_compiled() - g0
         pipe.stats.clear()
-        timer.reset()
-        g0 = graphs_compiled()
-        for i in range(0, len(prompts), a.batch_size):
+        results[label], rules[label], pipes[label] = r, pipe.rule(), pipe
+    for i in range(0, len(prompts), a.batch_size):  # ... then time them interleaved, batch by batch, so that a
+        for label, pipe in pipes.items():  # machine whose load drifts slows every row alike
+            r, g0, before = results[label], graphs_compiled(), dict(timer.seconds)
             t0 = time.perf_counter()
             images = pipe.generate(prompts[i:i + a.batch_size], seeds[i:i + a.batch_size])
             r.latencies.append((time.perf_counter() - t0) / len(images))
-        r.stats, r.ar_seconds, r.head_seconds = sum_stats(pipe.stats), timer.seconds["ar"], timer.seconds["head"]
-        r.recompiles = graphs_compiled() - g0
-        results[label] = r
-        rules[label] = pipe.rule()
+            r.ar_seconds += timer.seconds["ar"] - before["ar"]
+            r.head_seconds += timer.seconds["head"] - before["head"]
+            r.recompiles += graphs_compiled() - g0
+    for label, r in results.items():
+        r.stats = sum_stats(pipes[label].stats)
         print(f"{label}: {statistics_line(r)}", flush=True)
     cfg = bundle.cfg
     decode = {"target_s": decode_seconds(bundle.target, cfg.model.image.token_dim)}

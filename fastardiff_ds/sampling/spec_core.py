@@ -248,12 +248,12 @@ def draft(ctx: Ctx, st: State, active: torch.Tensor, gmax: torch.Tensor) -> Draf
 
 def verify(ctx: Ctx, st: State, dr: Drafts):
     """Step 2: the target reads [newest committed token, drafts] in one pass -> ARStep, cond (B*m_t, 1+G, C).
-    With ctx.static the pass always reads 1 + gamma positions (zeros after the drafts; rolled back at commit), so a
-    compiled target replays one graph whatever the round drafted."""
+    With ctx.static a pass that verifies drafts always reads 1 + gamma positions (zeros after the drafts; rolled back
+    at commit), so a compiled target replays one of two graphs (1 or 1 + gamma tokens) whatever the round drafted."""
     B = st.n.shape[0]
     pending = st.out[torch.arange(B, device=st.n.device), st.n - 1][:, None]
     drafts = ctx.target.finalize(dr.states[:, :, -1])
-    pad = ctx.spec.gamma - drafts.shape[1] if ctx.static else 0
+    pad = ctx.spec.gamma - drafts.shape[1] if ctx.static and drafts.shape[1] else 0  # no drafts: a plain decode
     if pad > 0:
         drafts = torch.cat([drafts, drafts.new_zeros(B, pad, drafts.shape[-1])], 1)
     ctx.stats.target_forwards += 1

@@ -58,7 +58,7 @@ def _chains_at(ctx: Ctx, st: State, tcond, noise, b: torch.Tensor, j: torch.Tens
 
 def _round_chains(ctx: Ctx, st: State, dr: Drafts, tcond, noise, active: torch.Tensor):
     """The target's chains at every round position 0..G (0..gamma, padded, with static shapes)."""
-    P = (ctx.spec.gamma if ctx.static else dr.states.shape[1]) + 1
+    P = (ctx.spec.gamma if ctx.static and dr.states.shape[1] else dr.states.shape[1]) + 1
     pos = torch.arange(P, device=dr.g.device)[None]
     keep = active[:, None] & ((pos <= dr.g[:, None]) | ctx.static)  # static: padded rows, discarded
     b, j = torch.nonzero(keep, as_tuple=True)
