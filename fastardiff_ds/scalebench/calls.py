@@ -12,6 +12,13 @@ back (O(1), models/kv_cache.py) so every repetition sees the same L; a chain is 
     chain_teacher, chain_student             one token's chain (K steps, two-pass / distilled)
     logprob_r{n}                             one head call over n = g*K rows (n = K: the residual's Q)
     head_r{n}                                a bare head forward over n rows (the call a round makes)
+    kv_rollback                              one cache rollback (subtracted from every decode figure above, whose
+                                             closure rolls back after each call; the loops' own rollbacks are glue)
+    glue_token_{baseline,dmd}, glue_round    the loops' work between calls, per token / per round (glue.py)
+
+Every figure is the mean over its repetitions (after two warm-up calls; each timed call right after an untimed one
+of the same closure, `_interleaved_ms`), not the median: a per-image time is a sum of such calls, so its
+expectation is the sum of their means, slow spells included.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from ..sampling.flow import trajectory_logprob
 from ..sampling.guidance import HeadCounter
 from ..sampling.noise import make_generators
 from .flows import Flows, clock, sync
+from .glue import glue_terms, loop_glue_calls, round_glue_calls
 
 
 def prompt(batch: int, length: int, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +105,11 @@ def _head_call(head, rows: int, cond_dim: int, token_dim: int, device, guidance:
 
 
 def _interleaved_ms(calls: dict, device, reps: int) -> dict:
-    """Median ms of every closure, timed in `reps` rounds that each run every closure once in a shuffled order,
-    so that a call is timed between other calls (as in a run) and slow spells of a shared machine are spread
-    over all of them."""
+    """Mean ms of every closure, timed in `reps` rounds that each run every closure in a shuffled order, so that
+    slow spells of a shared machine are spread over all of them. Each timed call comes right after an untimed call
+    of the same closure: a loop makes the same few calls over and over, so their weights and caches are warm in
+    the CPU's caches; a call timed cold, right after some 80 other closures, cost 10-15 % more than in the loop
+    (scale 0.05, CPU) and priced the rows that much too high."""
     now = clock(device)
     names = list(calls)
     for name in names:  # warm-up (and compilation)
@@ -110,12 +120,13 @@ def _interleaved_ms(calls: dict, device, reps: int) -> dict:
     for _ in range(reps):
         rng.shuffle(names)
         for name in names:
+            calls[name]()
             sync(device)
             t0 = now()
             calls[name]()
             sync(device)
             times[name].append(now() - t0)
-    return {n: 1000.0 * statistics.median(v) for n, v in times.items()}
+    return {n: 1000.0 * statistics.fmean(v) for n, v in times.items()}
 
 
 def kv_grid(prompt_len: int, num_tokens: int, gamma: int) -> list[int]:
@@ -151,21 +162,34 @@ def measure_calls(flows: Flows, prompt_len: int, num_tokens: int, gamma: int, de
     calls[("head_r2", None)] = _head_call(head, 2, C, D, device, False)  # one baseline step: both CFG rows
     calls[("head_r1_student", None)] = _head_call(student, 1, C, D, device, True)
     calls[(f"head_r{gamma * K}_student", None)] = _head_call(student, gamma * K, C, D, device, True)
+    rb_cache, _ = _filled_cache(flows.student, 1, grid[1], max_len, device)
+    rb_lengths = rb_cache.lengths.clone()
+    calls[("kv_rollback", None)] = lambda: rb_cache.rollback(rb_lengths)
+    ids, mask = prompt(2, prompt_len, flows.student.ar.config.vocab_size, device)
+    for flow, kind in ((flows.teacher, "baseline"), (flows.student, "dmd")):
+        calls.update({(k, None): f for k, f in loop_glue_calls(flow, kind, ids, mask).items()})
+    round_calls, rounds = round_glue_calls(flows, ids, mask, gamma)
+    calls.update({(k, None): f for k, f in round_calls.items()})
     ms = _interleaved_ms(calls, device, reps)
     at_kv: dict[str, dict[int, float]] = {}
     fixed: dict[str, float] = {}
+    rollback = ms[("kv_rollback", None)]
     for (name, L), v in ms.items():
         if L is None:
             fixed[name] = v
-        else:
-            at_kv.setdefault(name, {})[L] = v
+        else:  # the decode closures roll back after every call; the loops' decodes do not
+            at_kv.setdefault(name, {})[L] = v - rollback
+    fixed.update(glue_terms(fixed, rounds))
+    for name in [k for k in fixed if k.startswith("_glue")]:
+        del fixed[name]
     return {"at_kv": {k: dict(sorted(v.items())) for k, v in at_kv.items()}, "fixed": fixed, "kv_grid": grid}
 
 
-def average_costs(a: dict, b: dict) -> dict:
-    """The mean of two measurements of the same calls (taken before and after a run's rows)."""
-    return {"at_kv": {k: {L: (v + b["at_kv"][k][L]) / 2 for L, v in pts.items()} for k, pts in a["at_kv"].items()},
-            "fixed": {k: (v + b["fixed"][k]) / 2 for k, v in a["fixed"].items()}, "kv_grid": a["kv_grid"]}
+def average_costs(*sets: dict) -> dict:
+    """The mean of several measurements of the same calls (e.g. those taken before and after one image)."""
+    a, n = sets[0], len(sets)
+    return {"at_kv": {k: {L: sum(s["at_kv"][k][L] for s in sets) / n for L in pts} for k, pts in a["at_kv"].items()},
+            "fixed": {k: sum(s["fixed"][k] for s in sets) / n for k in a["fixed"]}, "kv_grid": a["kv_grid"]}
 
 
 def interp(points: dict[int, float], L: float) -> float:

@@ -2,16 +2,32 @@
 
 Two forms:
 - `price(log, costs)`: the sum over the calls a run actually made (replay.CallLog), each decode priced at the KV
-  length it ran at (piecewise-linear in L between measured points), each chain and head call at its measured cost.
-  This is what is compared with the measured seconds of every row (`max_model_error`).
+  length it ran at (piecewise-linear in L between measured points), each chain and head call at its measured cost,
+  and the loops' glue (glue.py) once per token of a plain loop and once per speculative round.
+  This is what is compared with the measured seconds of every row (`max_model_error`). Per row (MODEL_TERMS):
+    baseline   prefill_t_b2 + N chain_teacher + sum_{i<N-1} decode_t_b2@(P+i) + N glue_token_baseline
+    dmd        prefill_t_b1 + N chain_student + sum_{i<N-1} verify_t_b1_k1@(P+i) + N glue_token_dmd
+    fastardiff prefill_t_b1 + prefill_d_b1 + chain_student + per round r (g_r drafts, a_r accepted, at n_r):
+               draft_b1_k{1 first round, else 2}@(P+n_r-w) + g_r chain_student + (g_r-1) draft_b1_k1@(P+n_r+j)
+               + verify_t_b1_k{g_r+1}@(P+n_r-1) + logprob_r{g_r K} + chain_student + [a_r<g_r] logprob_r{K}
+               + glue_round
 - `expected_fastardiff(a, ...)`: the same round in expectation at per-draft acceptance a, drafting gamma tokens:
   accepted per round E = a + a^2 + ... + a^gamma, tokens per round 1 + E, a round costs
-  window + (gamma+1) chains + (gamma-1) draft decodes + verify(gamma+1) + logprob(gamma K) + (1 - a^gamma) logprob(K),
-  at the mean KV length. `solve_acceptance` inverts it against a target time (dmd, or a speedup over dmd).
+  window + (gamma+1) chains + (gamma-1) draft decodes + verify(gamma+1) + logprob(gamma K) + (1 - a^gamma) logprob(K)
+  + glue_round, at the mean KV length. `solve_acceptance` inverts it against a target time (dmd, or a speedup over dmd).
 """
 from __future__ import annotations
 
 from .calls import interp
+
+MODEL_TERMS = {
+    "baseline": "prefill_t_b2 + N chain_teacher + sum_{i=0}^{N-2} decode_t_b2@(P+i) + N glue_token_baseline",
+    "dmd": "prefill_t_b1 + N chain_student + sum_{i=0}^{N-2} verify_t_b1_k1@(P+i) + N glue_token_dmd",
+    "fastardiff": "prefill_t_b1 + prefill_d_b1 + chain_student + sum over rounds (g drafts, a accepted, n tokens "
+                  "so far) of [draft_b1_k{1|2}@(P+n-w) + g chain_student + (g-1) draft_b1_k1@(P+n+j) + "
+                  "verify_t_b1_k{g+1}@(P+n-1) + logprob_r{gK} + chain_student + (a<g) logprob_r{K} + glue_round]",
+    "kv": "decode costs piecewise linear in the KV length L between the measured grid points, net of kv_rollback",
+}
 
 
 def call_ms(costs: dict, name: str, kv: int | None) -> float:
@@ -37,7 +53,8 @@ def expected_fastardiff(a: float, costs: dict, prompt_len: int, num_tokens: int,
     c = lambda name, kv=None: call_ms(costs, name, kv)  # noqa: E731
     accepted = sum(a**j for j in range(1, gamma + 1))
     rnd = (c("draft_b1_k2", L) + (gamma + 1) * c("chain_student") + (gamma - 1) * c("draft_b1_k1", L)
-           + c(f"verify_t_b1_k{gamma + 1}", L) + c(f"logprob_r{gamma * steps}") + (1 - a**gamma) * c(f"logprob_r{steps}"))
+           + c(f"verify_t_b1_k{gamma + 1}", L) + c(f"logprob_r{gamma * steps}") + (1 - a**gamma) * c(f"logprob_r{steps}")
+           + c("glue_round"))
     start = c("prefill_t_b1") + c("prefill_d_b1") + c("chain_student")
     return (start + (num_tokens - 1) / (1 + accepted) * rnd) / 1000.0
 

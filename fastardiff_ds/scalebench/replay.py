@@ -8,7 +8,9 @@ residual proposal (a target chain plus the draft head's log-prob over its K stat
 How many drafts are accepted is not computed from the models but read from a fixed accept pattern: every
 draft of a round is accepted with probability `a` until the first rejection (a seeded stream, so the same
 pattern in every run). Same kernels and shapes, no quality claim. Every call is logged (`CallLog`) with the KV
-length it ran at, so the cost model can price exactly this run.
+length it ran at, so the cost model can price exactly this run, and every round logs one `glue_round` (what the
+round does between its calls: concatenations, finalize, index writes, cache rollbacks, the accept draw), priced at
+the cost `glue.py` measures by running this same replay with every model call answered from a cache.
 """
 from __future__ import annotations
 
@@ -36,6 +38,13 @@ class CallLog:
     def add(self, name: str, kv: int | None = None) -> None:
         self.calls.append((name, kv))
 
+    def counts(self) -> dict:
+        """{call name: how many times the run made it}."""
+        out: dict[str, int] = {}
+        for name, _ in self.calls:
+            out[name] = out.get(name, 0) + 1
+        return dict(sorted(out.items()))
+
     def summary(self) -> dict:
         drafted = sum(g for g, _ in self.rounds)
         accepted = sum(a for _, a in self.rounds)
@@ -58,7 +67,8 @@ class AcceptPattern:
 
 
 def loop_log(kind: str, prompt_len: int, num_tokens: int) -> CallLog:
-    """The calls generate_ar makes: prefill, a chain per token, a decode per token but the last."""
+    """The calls generate_ar makes: prefill, a chain per token, a decode per token but the last (token i's decode
+    appends to a cache holding prompt_len + i slots), and the loop's own per-token glue (glue.py)."""
     log = CallLog()
     if kind == "baseline":
         log.add("prefill_t_b2")
@@ -70,6 +80,7 @@ def loop_log(kind: str, prompt_len: int, num_tokens: int) -> CallLog:
         log.add(chain)
         if i + 1 < num_tokens:
             log.add(decode, prompt_len + i)
+        log.add(f"glue_token_{kind}")
     return log
 
 
@@ -102,25 +113,78 @@ def _logprob(flow, cond, first: int, states, num_tokens: int):
     return trajectory_logprob(fld, flow.sampler, states)
 
 
+class Calls:
+    """The model calls a round makes (what the cost model prices); `CachedCalls` answers them from a cache."""
+
+    def prefill(self, flow, ids, mask, cache, **kw):
+        return flow.ar.prefill(ids, mask, cache, **kw)
+
+    def decode(self, flow, tokens, cache, **kw):
+        return flow.ar.decode(tokens, cache, **kw)
+
+    def chain(self, flow, cond, n, num_tokens, gens, device):
+        return _chain(flow, cond, n, num_tokens, gens, device)
+
+    def logprob(self, flow, cond, first, states, num_tokens):
+        return _logprob(flow, cond, first, states, num_tokens)
+
+
+class CachedCalls(Calls):
+    """Every call answered with the output the real call gave the first time it was made at the same shape (the
+    cache only advances its lengths, as a decode does): timing a replay with these leaves the round's glue."""
+
+    def __init__(self):
+        self.memo: dict = {}
+
+    def _get(self, key, fn):
+        if key not in self.memo:
+            self.memo[key] = fn()
+        return self.memo[key]
+
+    def prefill(self, flow, ids, mask, cache, **kw):
+        step = self._get(("prefill", id(flow)), lambda: super(CachedCalls, self).prefill(flow, ids, mask, cache, **kw))
+        cache.start = torch.zeros_like(cache.start)
+        cache.lengths = torch.full_like(cache.lengths, ids.shape[1])
+        return step
+
+    def decode(self, flow, tokens, cache, **kw):
+        T = tokens.shape[1]
+        key = ("decode", id(flow), T)
+        if key in self.memo:
+            cache.advance(T)
+            return self.memo[key]
+        return self._get(key, lambda: super(CachedCalls, self).decode(flow, tokens, cache, **kw))
+
+    def chain(self, flow, cond, n, num_tokens, gens, device):
+        return self._get(("chain", id(flow)), lambda: super(CachedCalls, self).chain(flow, cond, n, num_tokens,
+                                                                                     gens, device))
+
+    def logprob(self, flow, cond, first, states, num_tokens):
+        return self._get(("logprob", id(flow), states.shape[0]),
+                         lambda: super(CachedCalls, self).logprob(flow, cond, first, states, num_tokens))
+
+
 @torch.no_grad()
 def replay_fastardiff(flows: Flows, ids, mask, num_tokens: int, gamma: int, pattern: AcceptPattern,
-                      seed: int = 0) -> tuple[float, CallLog]:
-    """Seconds of one image of fastardiff rounds at the forced accept `pattern`, and the calls it made."""
+                      seed: int = 0, calls: Calls | None = None) -> tuple[float, CallLog]:
+    """Seconds of one image of fastardiff rounds at the forced accept `pattern`, and the calls it made
+    (`calls`: who answers the model calls; CachedCalls times the glue alone)."""
     tgt, dft, dev = flows.student, flows.draft, ids.device
+    c = calls or Calls()
     ids, mask = ids[:1], mask[:1]
     P, N, log, gens = ids.shape[1], num_tokens, CallLog(), make_generators([seed])
     now = clock(dev)
     sync(dev)
     t0 = now()
     tcache = tgt.ar.new_cache(1, P + N + gamma + 2)
-    tstep = tgt.ar.prefill(ids, mask, tcache)
+    tstep = c.prefill(tgt, ids, mask, tcache)
     dcache = dft.ar.new_cache(1, P + N + gamma + 2)
-    dft.ar.prefill(ids, mask, dcache, feats=draft_features(tstep.hidden, mask.bool()))
+    c.prefill(dft, ids, mask, dcache, feats=draft_features(tstep.hidden, mask.bool()))
     log.add("prefill_t_b1"), log.add("prefill_d_b1")
     feat = torch.zeros(1, N, tstep.hidden.shape[-1], device=dev, dtype=tstep.hidden.dtype)
     feat[:, 0] = tstep.hidden[:, -1]
     out = torch.zeros(1, N, tgt.token_dim, device=dev)
-    out[:, 0] = tgt.finalize(_chain(tgt, tstep.cond[:, -1], 0, N, gens, dev).token)
+    out[:, 0] = tgt.finalize(c.chain(tgt, tstep.cond[:, -1], 0, N, gens, dev).token)
     log.add("chain_student")
     n, first = 1, True
     while n < N:
@@ -130,32 +194,33 @@ def replay_fastardiff(flows: Flows, ids, mask, num_tokens: int, gamma: int, patt
             w = 1 if first else 2
             dcache.rollback(dcache.start + P + n - w)
             log.add(f"draft_b1_k{w}", P + n - w)
-            step = dft.ar.decode(out[:, n - w:n], dcache, feats=feat[:, n - w:n])
+            step = c.decode(dft, out[:, n - w:n], dcache, feats=feat[:, n - w:n])
             for j in range(g):
-                traj = _chain(dft, step.cond[:, -1], n + j, N, gens, dev)
+                traj = c.chain(dft, step.cond[:, -1], n + j, N, gens, dev)
                 log.add("chain_student")
                 states.append(traj.states)
                 conds.append(step.cond[:, -1])
                 if j + 1 < g:
                     log.add("draft_b1_k1", P + n + j)
-                    step = dft.ar.decode(dft.finalize(traj.token)[:, None], dcache, feats=step.hidden[:, -1:])
+                    step = c.decode(dft, dft.finalize(traj.token)[:, None], dcache, feats=step.hidden[:, -1:])
         drafts = tgt.finalize(torch.cat(states)[:, -1]) if g else out[:, :0, 0].reshape(0, tgt.token_dim)
         log.add(f"verify_t_b1_k{1 + g}", P + n - 1)
-        vstep = tgt.ar.decode(torch.cat([out[:, n - 1], drafts])[None], tcache)
+        vstep = c.decode(tgt, torch.cat([out[:, n - 1], drafts])[None], tcache)
         if g:
-            _logprob(tgt, vstep.cond[0, :g], n, torch.cat(states), N)
+            c.logprob(tgt, vstep.cond[0, :g], n, torch.cat(states), N)
             log.add(f"logprob_r{g * tgt.sampler.steps}")
         a = pattern(g)
-        y = _chain(tgt, vstep.cond[:, a], n + a, N, gens, dev)
+        y = c.chain(tgt, vstep.cond[:, a], n + a, N, gens, dev)
         log.add("chain_student")
         if a < g:  # the residual's first proposal is scored under the draft too
-            _logprob(dft, conds[a], n + a, y.states, N)
+            c.logprob(dft, conds[a], n + a, y.states, N)
             log.add(f"logprob_r{tgt.sampler.steps}")
         out[:, n:n + a] = drafts[None, :a]
         out[:, n + a] = tgt.finalize(y.token)
         feat[:, n:n + a + 1] = vstep.hidden[:, :a + 1]
         n, first = n + a + 1, False
         tcache.rollback(tcache.start + P + n - 1)
+        log.add("glue_round")
         log.rounds.append((g, a))
     sync(dev)
     return now() - t0, log

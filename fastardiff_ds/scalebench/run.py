@@ -1,9 +1,11 @@
 """One scale benchmark: shape -> plan -> random nets -> per-call costs and per-image rows per execution -> JSON.
 
 Rows: baseline (the preset's head steps, two-pass CFG), dmd (student_steps, distilled CFG), fastardiff at each
-forced acceptance. Each row has its measured seconds per image and the cost model's (`costmodel.price` of the
-calls the run made); with `tokens` < 1024 a measured prefix is timed and both are scaled to the full image by the
-expected model's full / prefix ratio (`extrapolated: true`). The JSON is rewritten after every execution, so a run
+forced acceptance. Each row has its measured seconds per image (the mean over its images) and the cost model's
+(`costmodel.price` of the calls each image made, at the per-call costs measured just before and just after that
+image: the images of all rows run in `repeats` rounds with a per-call measurement after each, so a slow spell of a
+shared machine enters an image and the costs it is priced at alike); with `tokens` < 1024 a measured prefix is
+timed and both are scaled to the full image by the expected model's full / prefix ratio (`extrapolated: true`). The JSON is rewritten after every execution, so a run
 cut short still leaves what it measured.
 """
 from __future__ import annotations
@@ -52,30 +54,36 @@ def _flat(costs: dict, L: float) -> dict:
     return out
 
 
-def _rows(a: BenchArgs, cfg, flows, ids, mask, T: int, gamma: int) -> dict:
-    """Measured seconds (a list per row, `repeats` long) and the calls each row made (a CallLog)."""
-    P = a.prompt_len
-    raw = {}
-    for kind in ("baseline", "dmd"):
-        raw[kind] = ([run_loop(flows, kind, ids, mask, T, a.seed) for _ in range(a.repeats)],
-                     loop_log(kind, P, T), None)
-    for acc in a.acceptances:
-        secs, log = [], None
-        for _ in range(a.repeats):
-            s, log = replay_fastardiff(flows, ids, mask, T, gamma, AcceptPattern(acc, a.seed))
-            secs.append(s)
-        raw[f"fastardiff@{acc}"] = (secs, log, acc)
-    return raw
+def _images(a: BenchArgs, flows, ids, mask, T: int, gamma: int, measure) -> tuple[dict, list]:
+    """Every row's images, `repeats` rounds over all rows (so each row's images fall in different spells of a
+    shared machine), with a per-call measurement (`measure()`) before the first image and after every image.
+    -> ({row: [(seconds, CallLog, index of the measurement taken just before it)]}, [measurements])."""
+    specs = [(kind, None) for kind in ("baseline", "dmd")] + [(f"fastardiff@{acc}", acc) for acc in a.acceptances]
+    sets = [measure()]
+    raw: dict[str, list] = {name: [] for name, _ in specs}
+    for _ in range(a.repeats):
+        for name, acc in specs:
+            if acc is None:
+                secs, log = run_loop(flows, name, ids, mask, T, a.seed), loop_log(name, a.prompt_len, T)
+            else:
+                secs, log = replay_fastardiff(flows, ids, mask, T, gamma, AcceptPattern(acc, a.seed))
+            raw[name].append((secs, log, len(sets) - 1))
+            sets.append(measure())
+    return raw, sets
 
 
-def _reprice(raw: dict, costs: dict, a: BenchArgs, cfg, N: int, T: int, gamma: int) -> dict:
-    """Rows: the median measured seconds beside the cost model's price of the same calls; a prefix run is scaled
-    to the full image by the model's full / prefix ratio."""
+def _reprice(raw: dict, sets: list, costs: dict, a: BenchArgs, cfg, N: int, T: int, gamma: int) -> dict:
+    """Rows: the mean measured seconds over a row's images beside the mean of the cost model's price of each
+    image's calls at the per-call costs measured just before and just after that image; a prefix run is scaled to
+    the full image by the model's full / prefix ratio (at `costs`, the mean of every measurement)."""
     P, K = a.prompt_len, cfg.inference.student_steps
     rows = {}
-    for name, (secs, log, acc) in raw.items():
-        m = sorted(secs)[len(secs) // 2]
-        modelled = cm.price(log, costs)
+    for name, images in raw.items():
+        acc = None if not name.startswith("fastardiff@") else float(name.split("@")[1])
+        per_image = [(secs, cm.price(log, average_costs(sets[i], sets[i + 1]))) for secs, log, i in images]
+        m = sum(x for x, _ in per_image) / len(per_image)
+        modelled = sum(y for _, y in per_image) / len(per_image)
+        log = images[-1][1]
         if acc is None:
             full, pre = (cm.loop_seconds(costs, name, P, n) for n in (N, T))
             extra = {}
@@ -84,7 +92,9 @@ def _reprice(raw: dict, costs: dict, a: BenchArgs, cfg, N: int, T: int, gamma: i
             extra = {"forced_acceptance": acc, **log.summary(), "expected_model_s_per_image": full}
         ratio = full / pre
         rows[name] = {"measured_s_per_image": m * ratio, "modelled_s_per_image": modelled * ratio,
-                      "model_error": abs(modelled - m) / m, "measured_prefix_s": m, "repeats_s": secs, **extra}
+                      "model_error": abs(modelled - m) / m, "measured_prefix_s": m,
+                      "images": [{"measured_s": x, "modelled_s": y} for x, y in per_image],
+                      "calls": log.counts(), **extra}
     return rows
 
 
@@ -114,7 +124,8 @@ def run_bench(a: BenchArgs) -> dict:
            "planned_bytes": plan, "num_tokens": N, "measured_tokens": T, "extrapolated": T < N,
            "prompt_len": a.prompt_len, "gamma": gamma, "head_steps": {"baseline": cfg.inference.num_steps,
            "dmd": cfg.inference.student_steps, "fastardiff": cfg.inference.student_steps},
-           "cfg_scale": cfg.inference.cfg_scale, "batch": 1, "notes": a.notes, "per_call_ms": {}, "rows": {}}
+           "cfg_scale": cfg.inference.cfg_scale, "batch": 1, "notes": a.notes, "model_terms": cm.MODEL_TERMS,
+           "per_call_ms": {}, "rows": {}}
     t_build = time.perf_counter()
     nets = build_random(cfg, device, dtype, a.seed)
     out["build_s"] = time.perf_counter() - t_build
@@ -122,12 +133,13 @@ def run_bench(a: BenchArgs) -> dict:
     for ex in a.executions:
         t0 = time.perf_counter()
         flows = make_flows(cfg, nets, ex)
-        before = measure_calls(flows, a.prompt_len, N, gamma, device, a.reps)  # KV grid of the full image
-        raw = _rows(a, cfg, flows, ids, mask, T, gamma)
-        # the model prices every row at the mean of the per-call costs measured before and after the rows
-        costs = average_costs(before, measure_calls(flows, a.prompt_len, N, gamma, device, a.reps))
-        rows = _reprice(raw, costs, a, cfg, N, T, gamma)
-        out["per_call_ms"][ex] = {"at_mean_kv": _flat(costs, a.prompt_len + N / 2),
+        # per-call costs on the KV grid of the full image, measured before the first image and after every image
+        raw, sets = _images(a, flows, ids, mask, T, gamma,
+                            lambda: measure_calls(flows, a.prompt_len, N, gamma, device, a.reps))
+        costs = average_costs(*sets)
+        rows = _reprice(raw, sets, costs, a, cfg, N, T, gamma)
+        out["per_call_ms"][ex] = {"at_mean_kv": _flat(costs, a.prompt_len + N / 2), "measurements": len(sets),
+                                  "statistic": "mean of the repetitions, then of the measurements",
                                   "by_kv": {k: {str(L): round(v, 4) for L, v in pts.items()}
                                             for k, pts in costs["at_kv"].items()}}
         out["rows"].update({f"{k}/{ex}" if ex != "eager" else k: v for k, v in rows.items()})

@@ -31,16 +31,29 @@ def test_bench_scale_tiny_json_is_complete_and_consistent(tmp_path):
     for name in ["decode_t_b2", "draft_b1_k1", "draft_b1_k2", "chain_teacher", "chain_student",
                  *(f"verify_t_b1_k{k}" for k in range(1, 9))]:
         assert calls[name] > 0
+    for glue in ("glue_token_baseline", "glue_token_dmd", "glue_round", "kv_rollback"):  # the loops' own work
+        assert glue in calls and math.isfinite(calls[glue])
+    assert {"baseline", "dmd", "fastardiff"} <= set(d["model_terms"])
     assert set(d["rows"]) == {"baseline", "dmd", "fastardiff@0.5"}
+    T = d["measured_tokens"]
+    for kind, chain, decode in (("baseline", "chain_teacher", "decode_t_b2"), ("dmd", "chain_student", "verify_t_b1_k1")):
+        n = d["rows"][kind]["calls"]  # the exact calls generate_ar makes: 1 prefill, N chains, N-1 decodes
+        assert n == {f"prefill_t_b{2 if kind == 'baseline' else 1}": 1, chain: T, decode: T - 1,
+                     f"glue_token_{kind}": T}
     errs = []
     for r in d["rows"].values():
         assert r["measured_s_per_image"] > 0 and r["modelled_s_per_image"] > 0
-        errs.append(r["model_error"])
-        assert math.isclose(r["model_error"], abs(r["modelled_s_per_image"] - r["measured_s_per_image"])
-                            / r["measured_s_per_image"], rel_tol=1e-6)
-    assert math.isclose(d["max_model_error"], max(errs))
+        assert len(r["images"]) >= 1
+        err = abs(r["modelled_s_per_image"] - r["measured_s_per_image"]) / r["measured_s_per_image"]
+        assert math.isclose(r["model_error"], err, rel_tol=1e-6)
+        errs.append(err)
+    # max_model_error is the max over rows of |measured - modelled| / measured
+    assert math.isclose(d["max_model_error"], max(errs), rel_tol=1e-9)
     fa = d["rows"]["fastardiff@0.5"]
     assert fa["accepted"] <= fa["drafted"] and fa["rounds"] >= 1
+    n = fa["calls"]  # a chain per draft, one per round, one for token 0; a verify and a glue term per round
+    assert n["chain_student"] == fa["drafted"] + fa["rounds"] + 1 and n["glue_round"] == fa["rounds"]
+    assert sum(v for k, v in n.items() if k.startswith("verify_t_b1_k")) == fa["rounds"]
     assert fa["drafted"] + fa["rounds"] >= d["measured_tokens"] - 1  # every round commits a token
     be = d["break_even_acceptance"]
     assert be is None or 0.0 <= be <= 1.0
