@@ -69,8 +69,9 @@ def markdown(rows: list[dict], reference: str) -> str:
              f"d GenEval vs {reference} | within noise | domain FID | CLIP |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         rule = r.get("rule") or {}
-        knobs = ", ".join(f"{k}={v}" for k, v in rule.items() if k not in ("mode", "target_distributed", "tau",
-                                                                            "draft_policy", "gamma"))
+        skip = ("mode", "target_distributed", "tau", "draft_policy", "gamma")
+        knobs = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rule.items()
+                          if k not in skip and v is not None and not (k == "prefill_ratio" and v == 0))
         ge = f"{_fmt(r.get('geneval'))} +- {_fmt(r.get('geneval_sd'))} ({len(r['seeds'])})" if r["seeds"] else "-"
         within = {None: "-", True: "yes", False: "no"}[r.get("within_noise")]
         lines.append(f"| {r['label']} | {knobs or rule.get('mode', '-')} | {_fmt(r.get('s_per_image'))} | "
