@@ -114,9 +114,7 @@ def _cspd_residual(ctx: Ctx, dr: Drafts, p_token, p_mean, rows, pos, y, p_stds) 
         ctx.stats.resample_tries += int(loc.numel())
         if not bool(pending.any()):
             break
-    left = torch.zeros(B, dtype=torch.bool, device=y.device)
-    left[rows] = pending[rows]
-    fallback_rows(ctx, out, left[rows], torch.arange(R, device=y.device), p_token[rows, pos])
+    fallback_rows(ctx, out, pending[rows], torch.arange(R, device=y.device), p_token[rows, pos])
     y[rows, pos] = out
 
 
