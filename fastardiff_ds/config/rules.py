@@ -148,6 +148,14 @@ def check_train(cfg: Any) -> None:
     if t.draft_unroll > 1 and cfg.model.draft.kind != "eagle":
         _fail(f"train.draft_unroll={t.draft_unroll} needs a draft that reads features (model.draft.kind=eagle); "
               f"the {cfg.model.draft.kind} draft reads only tokens: set train.draft_unroll=1")
+    if t.gan_weight > 0 and t.cd_steps >= t.steps:
+        _fail(f"train.gan_weight={t.gan_weight} with train.cd_steps={t.cd_steps} >= train.steps={t.steps}: the GAN "
+              "term lives on the fake-score network, which only the DMD stage builds and trains; lower train.cd_steps "
+              "below train.steps, or set train.gan_weight=0")
+    if t.gan_weight > 0 and t.gan_disc_weight == 0:
+        _fail(f"train.gan_weight={t.gan_weight} with train.gan_disc_weight=0: the classifier the student is trained to "
+              "fool would never learn (it would stay at D = 1/2, a constant push); set train.gan_disc_weight > 0 "
+              "(DMD2: 1e-2), or train.gan_weight=0")
     if t.guidance_min > t.guidance_max:
         _fail(f"train.guidance_min={t.guidance_min} > train.guidance_max={t.guidance_max}")
 

@@ -245,6 +245,14 @@ class TrainConfig:
     # cd_delta=1: the distance to the teacher's guided ODE endpoint, at the DMD guidance), anchoring DMD's
     # mode-seeking to the teacher's own samples. 0 = DMD2 (no regression)
     dmd_reg_weight: float = 0.0
+    # DMD2's backward simulation: the generator's trained step k starts from the student's own steps 0..k-1 run from
+    # noise (false: from data tokens noised to t_k, DMD1's way; a 1-step student is the same either way)
+    backward_simulation: bool = True
+    # > 0: DMD2's GAN term. The fake-score network gets a classifier on its trunk's features, trained with weight
+    # train.gan_disc_weight to tell (noised) data tokens from the student's; each generator step adds this weight x
+    # softplus(-D(student's tokens)). DMD2 uses 3e-3 to 5e-3 (generator) and 1e-2 (classifier)
+    gan_weight: float = 0.0
+    gan_disc_weight: float = 1e-2
     grad_accum: int = 1
     activation_checkpointing: bool = False  # recompute each AR decoder layer in backward (draft, trained target)
     teacher_group_size: int = 0  # ranks the frozen teacher is partitioned over (0 = ranks of one node)

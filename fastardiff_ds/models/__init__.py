@@ -24,11 +24,13 @@ def build_target(cfg: Config) -> TargetAR:
     return TargetAR(cfg.model)
 
 
-def build_head(cfg: Config, student: bool = False) -> FlowHead:
+def build_head(cfg: Config, student: bool = False, discriminator: bool = False) -> FlowHead:
     """Teacher head, or (student=True) the few-step student: the guidance-scale embedding for CFG distillation, and
-    the size of `model.student_head` (the teacher head's by default)."""
+    the size of `model.student_head` (the teacher head's by default). discriminator: the fake score's GAN
+    classifier (train.gan_weight > 0)."""
     size = student_head_config(cfg.model.head, cfg.model.student_head) if student else cfg.model.head
-    return FlowHead(size, cfg.model.image.token_dim, cfg.model.ar.hidden_size, guidance_embed=student)
+    return FlowHead(size, cfg.model.image.token_dim, cfg.model.ar.hidden_size, guidance_embed=student,
+                    discriminator=discriminator)
 
 
 def build_draft(cfg: Config, target: TargetAR) -> DraftAR:

@@ -122,17 +122,24 @@ class SimpleMLPAdaLN(nn.Module):
 
     def modulated(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
         """The state-dependent part of the forward: x (N,D) with precomputed `modulations` (each (N, *))."""
+        return self.final_layer.modulated(self.trunk(x, mods), mods[-1])
+
+    def trunk(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+        """The features (N,W) the final layer reads: input projection and every residual block."""
         h = self.input_proj(x)
         for block, mod in zip(self.res_blocks, mods):
             h = block.modulated(h, mod)
-        return self.final_layer.modulated(h, mods[-1])
+        return h
 
 
 class FlowHead(nn.Module):
     """v = head(x (N,D), t (N,), cond (N,C), guidance (N,) | None) -> (N,D)."""
 
-    def __init__(self, cfg: HeadConfig, token_dim: int, cond_dim: int, guidance_embed: bool = False):
-        """guidance_embed: the CFG-distilled student's guidance-scale input (the teacher has none)."""
+    def __init__(self, cfg: HeadConfig, token_dim: int, cond_dim: int, guidance_embed: bool = False,
+                 discriminator: bool = False):
+        """guidance_embed: the CFG-distilled student's guidance-scale input (the teacher has none).
+        discriminator: a GAN classifier on the trunk's features (`discriminate`; DMD2's head on the fake score's
+        bottleneck), for the fake-score network of a run with train.gan_weight > 0."""
         super().__init__()
         self.token_dim, self.cond_dim = token_dim, cond_dim
         self.net = SimpleMLPAdaLN(token_dim, cond_dim, cfg.width, cfg.depth, cfg.mlp_ratio)
@@ -140,6 +147,12 @@ class FlowHead(nn.Module):
         if self.guidance_embed is not None and self.guidance_embed.mlp[2].weight.dim() == 2:
             nn.init.zeros_(self.guidance_embed.mlp[2].weight)  # starts as the teacher: no guidance signal
             nn.init.zeros_(self.guidance_embed.mlp[2].bias)
+        w = cfg.width
+        self.cls_head = (nn.Sequential(nn.LayerNorm(w, eps=1e-6), nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 1))
+                         if discriminator else None)
+        if self.cls_head is not None and self.cls_head[1].weight.dim() == 2:
+            nn.init.zeros_(self.cls_head[-1].weight)  # logit 0 for every input: D(x) = 1/2 at the start
+            nn.init.zeros_(self.cls_head[-1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: torch.Tensor | None = None):
         if t.dim() == 0:
@@ -147,6 +160,19 @@ class FlowHead(nn.Module):
         extra = self._guidance(guidance, x.shape[0])
         dtype = self.net.input_proj.weight.dtype
         return self.net(x.to(dtype), t.to(dtype), cond.to(dtype), extra)
+
+    def discriminate(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """GAN logits (N,) of noised tokens x (N,D) at times t (N,) given cond (N,C): the classifier on the trunk's
+        features (the same trunk that predicts the fake score's velocity). Only on a head built with
+        discriminator=True."""
+        if self.cls_head is None:
+            raise ValueError("this head has no GAN classifier: build it with discriminator=True (train.gan_weight > 0)")
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        dtype = self.net.input_proj.weight.dtype
+        y = self.net.time_embed(t.to(dtype)) + self.net.cond_embed(cond.to(dtype))
+        h = self.net.trunk(x.to(dtype), self.net.modulations(y))
+        return self.cls_head(h).squeeze(-1).float()
 
     def _guidance(self, guidance: torch.Tensor | None, n: int) -> torch.Tensor | None:
         if self.guidance_embed is None:

@@ -4,7 +4,9 @@ Per step, with teacher forcing on real image tokens:
 - AR branch: L_reg = SmoothL1(draft feature, sg target feature) at the N positions that condition image tokens,
   L_ent = -normalised attention entropy of the draft's penultimate layer (rows over those positions).
 - Head branch, L_dist: stage 1 consistency distillation of the student against one CFG-guided teacher ODE step
-  (EMA target), stage 2 DMD (fake score every step, generator every `gen_every` steps).
+  (EMA target), stage 2 DMD (fake score every step, generator every `gen_every` steps: DMD2's two time-scale
+  update), with DMD2's backward simulation (train.backward_simulation) and optionally its GAN term on the fake
+  score's features (train.gan_weight: the classifier tells data tokens from the student's).
 - L = alpha(t) (L_reg + lambda_ent L_ent) + (1 - alpha(t)) L_dist. The draft, student (and target) are separate
   engines, so each gets the gradient of its own term: draft <- L_reg + lambda L_ent, student <- L_dist, and a
   trainable target receives dL_dist/dcond through a surrogate backward (the student's engine never touches the
@@ -24,6 +26,7 @@ from .. import engines as E
 from ..config import Config
 from ..losses.consistency import ConsistencyConfig, consistency_distillation_loss
 from ..losses.dmd import DMDConfig, dmd_fake_score_loss, dmd_generator_loss, few_step_generate
+from ..losses.gan import gan_discriminator_loss, gan_generator_loss
 from ..config.rules import align_layer
 from ..losses.entropy import entropy_alignment_loss, entropy_loss
 from ..losses.regression import feature_regression_loss
@@ -244,9 +247,11 @@ class JointStep:
         # The trained step k must be the same on every rank: it sets how many times the student (a ZeRO-3
         # engine, whose forwards are collective) runs, so it comes from the step number, not the rank's RNG.
         k = int(torch.randint(t.student_steps, (1,), generator=torch.Generator().manual_seed(self.cfg.seed + step)))
-        with torch.set_grad_enabled(gen_step):
-            x, _ = few_step_generate(head_fn(student), cond_in, noise, grid, gen, guidance=w, step_index=k)
+        with torch.set_grad_enabled(gen_step):  # backward simulation off: step k starts from noised data tokens
+            x, _ = few_step_generate(head_fn(student), cond_in, noise, grid, gen, guidance=w, step_index=k,
+                                     backward_simulation=t.backward_simulation, data=tokens)
         metrics = {}
+        disc = lambda xx, tt: fake("discriminate", xx, tt, cond_in.detach())  # noqa: E731  (train.gan_weight)
         if gen_step:  # generator update against the current fake score (DMD2 order)
             real = lambda xx, tt: guided(xx, tt, w)  # noqa: E731
             fake_v = lambda xx, tt: head_fn(fake)(xx, tt, cond_in.detach())  # noqa: E731
@@ -256,6 +261,10 @@ class JointStep:
                                                        config=self.cd, guidance=w)
                 m["dmd/reg_loss"] = float(l_r.detach())
                 l_g = l_g + t.dmd_reg_weight * l_r
+            if t.gan_weight > 0:  # DMD2's GAN term: fool the fake score's classifier (its weights get no gradient)
+                l_a, m_a = gan_generator_loss(disc, x, gen, self.dmd.t_min, self.dmd.t_max)
+                m.update(m_a)
+                l_g = l_g + t.gan_weight * l_a
             if self._check("L_dmd", l_g, step, "student"):
                 student.backward(weight * l_g)
                 self._step("student")
@@ -264,6 +273,10 @@ class JointStep:
             metrics.update(m)
             metrics["loss/dist"] = float(l_g.detach())
         l_f, m_f = dmd_fake_score_loss(head_fn(fake), x.detach(), cond_in.detach(), gen, config=self.dmd)
+        if t.gan_weight > 0:  # the classifier learns data tokens (real) from the student's (fake) with the fake score
+            l_d, m_d = gan_discriminator_loss(disc, tokens, x.detach(), gen, self.dmd.t_min, self.dmd.t_max)
+            m_f.update(m_d)
+            l_f = l_f + t.gan_disc_weight * l_d
         if self._check("L_fake", l_f, step, "fake"):
             fake.backward(l_f)  # DMD's auxiliary score: outside Eq. 9, never weighted
             self._step("fake")

@@ -87,14 +87,14 @@ def load_teacher_state(cfg: Config) -> dict[str, torch.Tensor]:
 def init_networks(cfg: Config, teacher_state: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
     """Trainable networks initialised from the teacher: target AR (only with train.target_ar), draft (first k layers
     + own norm), student head (teacher head + zero-initialised guidance embedding, grown to model.student_head
-    as the same function), fake score (teacher head).
+    as the same function), fake score (teacher head, with a fresh GAN classifier when train.gan_weight > 0).
     The trained ARs recompute their layers in backward when train.activation_checkpointing is set.
     The full target is not built unless it is trained: at 14B it would be a 56 GB fp32 copy per rank."""
     ar_state = {k: v for k, v in teacher_state.items() if not k.startswith("image_head.")}
     head_state = {k.removeprefix("image_head."): v for k, v in teacher_state.items() if k.startswith("image_head.")}
-    student, fake = build_head(cfg, student=True), build_head(cfg)
+    student, fake = build_head(cfg, student=True), build_head(cfg, discriminator=cfg.train.gan_weight > 0)
     student.load_state_dict(grow_state(head_state, student.state_dict()))  # = the teacher head (model.student_head)
-    fake.load_state_dict(head_state)
+    fake.load_state_dict({**fake.state_dict(), **head_state})  # the teacher head; a GAN classifier keeps its init
     draft = DraftAR(cfg.model).load_target_state(target_to_draft_state(ar_state, cfg.model.draft.num_layers))
     if not cfg.model.draft.train_embeddings:  # 778M frozen params at 14B scale: the draft reuses the target's
         draft.embed_tokens.requires_grad_(False)
