@@ -18,6 +18,7 @@ number only.
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -52,10 +53,15 @@ def stage_of(cfg: Config, step: int) -> str:
 class JointStep:
     """Computes the losses of one step and steps the engines. `engines`: draft, student, fake [, target];
     `teacher`: frozen engine over a `TeacherNet`; `ema`: EMA tracker of the student with `ema_module` its copy
-    (the CD target); `export_ema`: the tracker of the exported EMA (train.student_ema_decay > 0), else None."""
+    (the CD target); `export_ema`: the tracker of the exported EMA (train.student_ema_decay > 0), else None.
+    `disc_copy` (train.gan_weight > 0): a plain, replicated module of the fake-score network's shape. The
+    generator's GAN term differentiates the classifier with respect to the student's samples only; run through the
+    fake engine, that backward would start DeepSpeed's gradient reduction of an engine that has no gradients (ZeRO-2
+    fails on it), so it runs on this copy, refreshed from the engine (gathered under ZeRO-3) before each generator
+    step. None: a deep copy of the fake engine's module (unpartitioned engines only, e.g. the tests' stand-ins)."""
 
     def __init__(self, cfg: Config, engines: dict, teacher, ema, ema_module, uncond_prompt, rt=None,
-                 export_ema=None):
+                 export_ema=None, disc_copy=None):
         self.cfg, self.engines, self.teacher = cfg, engines, teacher
         self.rt = rt or E.Runtime()  # the finiteness vote; a world of one without a process group
         self.ema, self.ema_head = ema, head_fn(ema_module)
@@ -73,6 +79,15 @@ class JointStep:
         self.cd = ConsistencyConfig(delta=t.cd_delta, solver_steps=t.cd_solver_steps, t_max=max(0.98, 1.0 - t.cd_delta),
                                     guidance_min=t.guidance_min, guidance_max=t.guidance_max)
         self.dmd = DMDConfig()
+        self.disc_copy = self.disc_sync = None
+        if t.gan_weight > 0:
+            fake = getattr(engines["fake"], "module", engines["fake"])
+            if disc_copy is None:
+                if any(hasattr(p, "ds_id") for p in fake.parameters()):
+                    raise ValueError("train.gan_weight > 0 on a partitioned fake-score engine needs `disc_copy`: a "
+                                     "plain module built from the unpartitioned network (training/trainer.py does)")
+                disc_copy = copy.deepcopy(fake).requires_grad_(False)
+            self.disc_copy, self.disc_sync = disc_copy, E.EMA(fake, disc_copy)
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def teacher_velocity(self, cond_c, cond_u):
@@ -262,7 +277,9 @@ class JointStep:
                 m["dmd/reg_loss"] = float(l_r.detach())
                 l_g = l_g + t.dmd_reg_weight * l_r
             if t.gan_weight > 0:  # DMD2's GAN term: fool the fake score's classifier (its weights get no gradient)
-                l_a, m_a = gan_generator_loss(disc, x, gen, self.dmd.t_min, self.dmd.t_max)
+                self.disc_sync.update(0.0)  # the copy := the fake-score network now (collective under ZeRO-3)
+                frozen = lambda xx, tt: self.disc_copy("discriminate", xx, tt, cond_in.detach())  # noqa: E731
+                l_a, m_a = gan_generator_loss(frozen, x, gen, self.dmd.t_min, self.dmd.t_max)
                 m.update(m_a)
                 l_g = l_g + t.gan_weight * l_a
             if self._check("L_dmd", l_g, step, "student"):

@@ -59,6 +59,10 @@ class JointTask:
         # the exported student when train.student_ema_decay > 0: its own EMA, fp32 (as pretraining's), checkpointed
         student_ema = (copy.deepcopy(nets["student"]).requires_grad_(False).to(self.device, torch.float32)
                        if cfg.train.student_ema_decay > 0 else None)
+        # train.gan_weight: a plain replicated copy of the fake-score network for the generator's GAN term (copied
+        # from the engine before each generator step; derived state, not checkpointed)
+        disc_copy = (copy.deepcopy(nets["fake"]).requires_grad_(False).to(self.device)
+                     if cfg.train.gan_weight > 0 else None)
         micro, accum = cfg.data.batch_size, cfg.train.grad_accum
         self.engines = {}
         for name in ENGINE_ORDER:
@@ -76,7 +80,7 @@ class JointTask:
         # the DMD teacher's unconditional rows: the negative prompt baseline generation uses ("" by default)
         ids, mask = text.batch([cfg.inference.negative_prompt], cfg.model.image.grid, strict=False)
         self.step_fn = JointStep(cfg, self.engines, self.teacher, self.ema, self.ema_module, (ids, mask), rt=rt,
-                                 export_ema=export_ema)
+                                 export_ema=export_ema, disc_copy=disc_copy)
         self.step_fns = {"cd": self.step_fn.cd_step, "dmd": self.step_fn.dmd_step}
 
     def stage_of(self, step: int) -> str:
