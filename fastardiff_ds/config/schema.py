@@ -253,6 +253,7 @@ class TrainConfig:
     # softplus(-D(student's tokens)). DMD2 uses 3e-3 to 5e-3 (generator) and 1e-2 (classifier)
     gan_weight: float = 0.0
     gan_disc_weight: float = 1e-2
+    lr_disc: float | None = None  # the GAN classifier's lr (None: train.lr_fake, as DMD2; a short run needs more)
     grad_accum: int = 1
     activation_checkpointing: bool = False  # recompute each AR decoder layer in backward (draft, trained target)
     teacher_group_size: int = 0  # ranks the frozen teacher is partitioned over (0 = ranks of one node)

@@ -53,10 +53,15 @@ class EngineSpec:
     grad_clip: float | None = None
     zero_stage: int | None = None
     zero_overrides: dict = field(default_factory=dict)
+    # (parameter-name prefix, lr) pairs: the parameters under a prefix get their own lr (e.g. the fake score's GAN
+    # classifier, "inner.cls_head."); the schedule and set_lr_scale scale every group alike
+    lr_groups: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.lr <= 0 or self.warmup < 0 or self.total_steps < 0:
             raise ValueError(f"EngineSpec {self.name!r}: need lr > 0, warmup >= 0, total_steps >= 0")
+        if any(lr <= 0 for _, lr in self.lr_groups):
+            raise ValueError(f"EngineSpec {self.name!r}: every lr of lr_groups must be > 0, got {self.lr_groups}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"EngineSpec {self.name!r}: schedule={self.schedule!r}, use 'cosine' or 'constant'")
         if self.schedule == "cosine" and self.total_steps <= self.warmup:
@@ -89,18 +94,31 @@ def scaled_lr_lambda(fn: Callable[[int], float]) -> tuple[Callable[[int], float]
     return scaled, box
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only; biases and norm gains (ndim < 2) get no weight decay.
+def param_groups(model: nn.Module, weight_decay: float,
+                 lr_groups: tuple[tuple[str, float], ...] = ()) -> list[dict]:
+    """Decay matrices only; biases and norm gains (ndim < 2) get no weight decay. `lr_groups`: (name prefix, lr)
+    pairs, each prefix's parameters in groups of their own with that "lr" (the first matching prefix wins); the
+    others carry no "lr" (the optimizer's default).
 
     Uses the full shape (``ds_shape``) of ZeRO-3 params: a partitioned param's own tensor is a 1-D stub.
     """
     def ndim(p):
         return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
 
-    decay = [p for p in model.parameters() if p.requires_grad and ndim(p) >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and ndim(p) < 2]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                        {"params": rest, "weight_decay": 0.0}) if g["params"]]
+    def lr_of(name):
+        return next((lr for prefix, lr in lr_groups if name.startswith(prefix)), None)
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for prefix, _ in lr_groups:
+        if not any(n.startswith(prefix) for n, _ in named):
+            raise ValueError(f"param_groups: no trainable parameter is named '{prefix}*' (lr_groups)")
+    groups = []
+    for lr in [None, *dict.fromkeys(lr for _, lr in lr_groups)]:
+        mine = [(n, p) for n, p in named if lr_of(n) == lr]
+        extra = {} if lr is None else {"lr": lr}
+        groups += [{"params": [p for n, p in mine if ndim(p) >= 2], "weight_decay": weight_decay, **extra},
+                   {"params": [p for n, p in mine if ndim(p) < 2], "weight_decay": 0.0, **extra}]
+    return [g for g in groups if g["params"]]
 
 
 def partition_numel(module: nn.Module) -> int:
@@ -257,7 +275,7 @@ def build_engine(model: ModelOrBuilder, spec: EngineSpec, ds_base: dict, *, micr
     fn, lr_scale = scaled_lr_lambda(lr_lambda or default_lr_lambda(spec))
     with mpu_scope(None):
         module = _construct(model, cfg)
-        groups = param_groups(module, spec.weight_decay)
+        groups = param_groups(module, spec.weight_decay, spec.lr_groups)
         if not groups:
             raise ValueError(f"build_engine({spec.name!r}): the model has no trainable parameters")
         optimizer = None

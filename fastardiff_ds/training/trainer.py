@@ -27,11 +27,12 @@ ENGINE_ORDER = ("draft", "fake", "student", "target")
 def _specs(cfg: Config) -> dict[str, tuple[E.EngineSpec, object]]:
     t = cfg.train
     flat = make_lr_lambda(LRSchedule("constant", t.warmup_steps))
-    spec = lambda name, lr: E.EngineSpec(name, lr, tuple(t.betas), weight_decay=t.weight_decay,  # noqa: E731
-                                          warmup=t.warmup_steps, schedule="constant")
+    spec = lambda name, lr, groups=(): E.EngineSpec(name, lr, tuple(t.betas), weight_decay=t.weight_decay,  # noqa: E731
+                                                     warmup=t.warmup_steps, schedule="constant", lr_groups=groups)
+    disc = (("inner.cls_head.", t.lr_disc),) if t.gan_weight > 0 and t.lr_disc is not None else ()
     return {"draft": (spec("draft", t.lr_draft), flat), "target": (spec("target", t.lr_target), flat),
             "student": (spec("student", t.lr_student_cd), make_lr_lambda(LRSchedule("constant"))),  # JointStep: x stage
-            "fake": (spec("fake", t.lr_fake), flat)}
+            "fake": (spec("fake", t.lr_fake, disc), flat)}
 
 
 def _strip(state: dict, like: torch.nn.Module) -> dict:

@@ -139,3 +139,12 @@ def test_impossible_dmd2_combinations_are_config_errors_naming_the_key(overrides
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         resolve_config("tiny", overrides=overrides)
     assert resolve_config("tiny", overrides=["train.gan_weight=0.005"]).train.gan_weight == 0.005
+
+
+def test_lr_disc_gives_the_classifier_its_own_lr_group():
+    from fastardiff_ds.training.trainer import _specs
+
+    cfg = resolve_config("tiny", overrides=["train.gan_weight=0.005", "train.lr_disc=0.001"])
+    assert _specs(cfg)["fake"][0].lr_groups == (("inner.cls_head.", 0.001),)
+    assert _specs(resolve_config("tiny", overrides=["train.gan_weight=0.005"]))["fake"][0].lr_groups == ()
+    assert _specs(resolve_config("tiny", overrides=["train.lr_disc=0.001"]))["fake"][0].lr_groups == ()  # no GAN

@@ -83,6 +83,18 @@ def test_weight_decay_only_on_matrices():
     assert len(rest["params"]) == 3 and rest["weight_decay"] == 0.0
 
 
+def test_lr_groups_give_a_prefix_its_own_lr_and_keep_weight_decay_rules():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 1)))
+    groups = param_groups(m, 0.1, (("1.", 1e-3),))
+    by = {(g.get("lr"), g["weight_decay"]): [p.shape for p in g["params"]] for g in groups}
+    assert by == {(None, 0.1): [(4, 3)], (None, 0.0): [(4,)], (1e-3, 0.1): [(1, 4)], (1e-3, 0.0): [(4,), (4,), (1,)]}
+    assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
+    with pytest.raises(ValueError, match="'head.\\*'"):
+        param_groups(m, 0.1, (("head.", 1e-3),))
+    with pytest.raises(ValueError, match="lr_groups"):
+        EngineSpec("bad", lr=1e-3, lr_groups=(("1.", 0.0),))
+
+
 def test_memory_estimate_matches_deepspeed_formulas():
     gib = 2**30
     est = estimate_memory({"t": (10**9, 10**8), "f": NetSize(10**9, 10**8, trainable=False, group_size=4)},

@@ -289,9 +289,14 @@ def test_gan_term_on_real_engines_trains_the_classifier_and_keeps_the_generator_
     base = E.load_ds_config(stage)
     ema_module = copy.deepcopy(nets["student"]).requires_grad_(False)
     disc_copy = copy.deepcopy(nets["fake"]).requires_grad_(False)
-    engines = {k: E.build_engine(nets[k], E.EngineSpec(k, LRS[k], schedule="constant"), base, micro_batch=2,
-                                 grad_accum=1)
+    groups = {"fake": (("inner.cls_head.", 1e-2),)}  # train.lr_disc: the classifier's own lr
+    engines = {k: E.build_engine(nets[k], E.EngineSpec(k, LRS[k], schedule="constant", lr_groups=groups.get(k, ())),
+                                 base, micro_batch=2, grad_accum=1)
                for k in ("draft", "fake", "student")}
+    engines["fake"].set_lr_scale(0.5)
+    lrs = sorted({g["lr"] for g in engines["fake"].ds.optimizer.param_groups})
+    assert lrs == pytest.approx([0.5 * LRS["fake"], 0.5 * 1e-2])  # both groups, both scaled
+    engines["fake"].set_lr_scale(1.0)
     teacher = _teacher(cfg, target, head, base, tmp_path / "teacher.safetensors", 2)
     step_fn = JointStep(cfg, engines, teacher, E.EMA(engines["student"], ema_module), ema_module, UNCOND,
                         disc_copy=disc_copy)
