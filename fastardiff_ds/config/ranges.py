@@ -87,7 +87,7 @@ RANGES: dict[str, Range] = {
     "train.betas": BETA, "train.weight_decay": NONNEG, "train.warmup_steps": NONNEG,
     "train.gen_every": ONE_UP, "train.ema_decay": UNIT, "train.student_ema_decay": Range(0, 1, hi_open=True),
     "train.cd_delta": Range(0, 1, lo_open=True),
-    "train.cd_solver_steps": ONE_UP, "train.dmd_reg_weight": NONNEG,
+    "train.cd_solver_steps": ONE_UP, "train.cd_batch_mul": ONE_UP, "train.dmd_reg_weight": NONNEG,
     "train.gan_weight": NONNEG, "train.gan_disc_weight": NONNEG, "train.lr_disc": POSITIVE,
     "train.guidance_min": NONNEG, "train.guidance_max": NONNEG, "train.dmd_guidance": NONNEG,
     "train.student_steps": ONE_UP, "train.grad_accum": ONE_UP, "train.teacher_group_size": NONNEG,

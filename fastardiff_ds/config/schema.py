@@ -237,6 +237,8 @@ class TrainConfig:
     student_ema_decay: float = 0.0
     cd_delta: float = 0.02  # CD skip t' - t (t' clamped to 1; 1 = regress onto the teacher's ODE endpoint)
     cd_solver_steps: int = 1  # teacher Euler steps across the skip
+    cd_batch_mul: int = 1  # noise draws per image token in CD (its AR condition reused; the head batch grows)
+    cd_on_grid: bool = False  # CD's t drawn from the student's step start times (where its sampler evaluates it)
     guidance_min: float = 1.0  # CFG scales sampled in CD and fed to the student's guidance embedding
     guidance_max: float = 6.0
     dmd_guidance: float = 5.0  # teacher CFG of the real score in DMD; the student's fixed embedding there

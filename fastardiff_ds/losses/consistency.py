@@ -43,8 +43,13 @@ class ConsistencyConfig:
     huber_c: float = 1e-3
     guidance_min: float = 1.0
     guidance_max: float = 7.5
+    # the few-step sampler's step start times: t is drawn uniformly among them (in place of U[t_min, t_max]), so the
+    # student learns its jumps where its sampler evaluates it. () = uniform over [t_min, t_max]
+    t_grid: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if any(not 0.0 <= g < 1.0 for g in self.t_grid):
+            raise ValueError(f"ConsistencyConfig.t_grid={self.t_grid}: every start time must lie in [0, 1)")
         if not 0.0 < self.delta <= 1.0:
             raise ValueError(f"ConsistencyConfig.delta={self.delta} must lie in (0, 1]")
         if not 0.0 <= self.t_min <= self.t_max < 1.0:
@@ -108,6 +113,10 @@ def consistency_distillation_loss(
     check_mask(mask, tokens.shape[:1])
     n, device, cfg = tokens.shape[0], tokens.device, config
     t = sample_uniform(n, generator, cfg.t_min, cfg.t_max).to(device)
+    if cfg.t_grid:  # the same one draw per row, mapped onto the grid: u ~ U[0, 1) -> grid[floor(u K)]
+        u = (t - cfg.t_min) / max(cfg.t_max - cfg.t_min, 1e-12)
+        grid = torch.tensor(cfg.t_grid, device=device, dtype=t.dtype)
+        t = grid[(u * len(cfg.t_grid)).long().clamp(0, len(cfg.t_grid) - 1)]
     w = sample_guidance(n, generator, cfg.guidance_min, cfg.guidance_max).to(device)
     if guidance is not None:
         w = guidance.to(device=device, dtype=w.dtype).expand(n)
@@ -115,7 +124,7 @@ def consistency_distillation_loss(
     t_next = (t + cfg.delta).clamp(max=1.0)
     with torch.no_grad():
         x_next = teacher_solve(teacher_velocity, x_t, t, t_next, w, cfg.solver_steps)
-        if cfg.t_min + cfg.delta >= 1.0:  # every row reaches t' = 1, where f(x, 1) = x: no target network call
+        if float(t.min()) + cfg.delta >= 1.0:  # every row reaches t' = 1, where f(x, 1) = x: no target network call
             f_target = x_next
         else:
             f_target = consistency_function(x_next, t_next, target(x_next, t_next, cond.detach(), w))

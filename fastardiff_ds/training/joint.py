@@ -76,8 +76,9 @@ class JointStep:
         self.align_layer = align_layer(cfg) if cfg.train.entropy_objective == "align" else None
         self.eagle = cfg.model.draft.kind == "eagle"
         t = cfg.train
+        grid = tuple(float(x) for x in time_grid(t.student_steps)[:-1]) if t.cd_on_grid else ()
         self.cd = ConsistencyConfig(delta=t.cd_delta, solver_steps=t.cd_solver_steps, t_max=max(0.98, 1.0 - t.cd_delta),
-                                    guidance_min=t.guidance_min, guidance_max=t.guidance_max)
+                                    guidance_min=t.guidance_min, guidance_max=t.guidance_max, t_grid=grid)
         self.dmd = DMDConfig()
         self.disc_copy = self.disc_sync = None
         if t.gan_weight > 0:
@@ -193,6 +194,10 @@ class JointStep:
         cond_in = cond_s.detach().reshape(-1, C).requires_grad_("target" in e)
         guided = self.teacher_velocity(cond_t.reshape(-1, C), cond_u.reshape(-1, C))
         if stage == "cd":
+            m_draws = cfg.train.cd_batch_mul
+            if m_draws > 1:  # the teacher's rows for each of the m noise draws per token
+                guided = self.teacher_velocity(cond_t.reshape(-1, C).repeat(m_draws, 1),
+                                               cond_u.reshape(-1, C).repeat(m_draws, 1))
             metrics.update(self.cd_branch(tokens.reshape(-1, D), cond_in, guided, w.loss["dist"], step, gen))
         else:
             metrics.update(self.dmd_branch(cond_in, guided, w.loss["dist"], step, gen, tokens.reshape(-1, D), B))
@@ -239,7 +244,11 @@ class JointStep:
         return total / self.cfg.train.draft_unroll, metrics
 
     def cd_branch(self, tokens, cond_in, guided, weight, step, gen) -> dict:
-        student = self.engines["student"]
+        """train.cd_batch_mul > 1: each token's condition is used for that many noise draws (one head batch; the
+        conditions keep their graph, so a trained target gets the mean of the draws' gradients)."""
+        student, m_draws = self.engines["student"], self.cfg.train.cd_batch_mul
+        if m_draws > 1:  # `guided` already holds the repeated teacher conditions (__call__)
+            tokens, cond_in = tokens.repeat(m_draws, 1), cond_in.repeat(m_draws, 1)
         l_cd, m = consistency_distillation_loss(head_fn(student), self.ema_head, guided, tokens, cond_in, gen,
                                                 config=self.cd)
         if self._check("L_cd", l_cd, step, "student"):
