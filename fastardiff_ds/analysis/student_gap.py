@@ -68,10 +68,12 @@ def chain_gap(teacher: ARFlow, student: ARFlow, ids: torch.Tensor, mask: torch.T
     teacher's prompt rows (B conditional + B unconditional); tokens (B,N,D): the teacher's committed samples."""
     if student.sampler.kind != "consistency":
         raise ValueError(f"the student flow must use the consistency sampler, got {student.sampler.kind!r}")
+    if student.ar is not teacher.ar:
+        raise ValueError("chain_gap compares two heads on one AR's conditions: give both flows the same AR")
     B, N, D = tokens.shape
     dtype = torch.float32
     z_t = _teacher_forced(teacher, ids, mask, tokens)[0].to(dtype)
-    z_s = _teacher_forced(student, ids[:B], mask[:B], tokens)[0].to(dtype)
+    z_s = z_t[:B]  # the conditional rows: the student reads the same AR's conditions
     t_field = _field(teacher, z_t, B, N, dtype)
     s_field = _field(student, z_s, B, N, dtype)
     gen = torch.Generator().manual_seed(seed)

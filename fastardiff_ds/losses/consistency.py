@@ -112,11 +112,12 @@ def consistency_distillation_loss(
         raise ValueError(f"tokens must be (N, D) and cond (N, C); got {tuple(tokens.shape)} and {tuple(cond.shape)}")
     check_mask(mask, tokens.shape[:1])
     n, device, cfg = tokens.shape[0], tokens.device, config
-    t = sample_uniform(n, generator, cfg.t_min, cfg.t_max).to(device)
-    if cfg.t_grid:  # the same one draw per row, mapped onto the grid: u ~ U[0, 1) -> grid[floor(u K)]
-        u = (t - cfg.t_min) / max(cfg.t_max - cfg.t_min, 1e-12)
-        grid = torch.tensor(cfg.t_grid, device=device, dtype=t.dtype)
-        t = grid[(u * len(cfg.t_grid)).long().clamp(0, len(cfg.t_grid) - 1)]
+    if cfg.t_grid:  # one draw per row either way: u ~ U[0, 1) -> grid[floor(u K)]
+        u = sample_uniform(n, generator).to(device)
+        k = len(cfg.t_grid)
+        t = torch.tensor(cfg.t_grid, device=device, dtype=u.dtype)[(u * k).long().clamp(max=k - 1)]
+    else:
+        t = sample_uniform(n, generator, cfg.t_min, cfg.t_max).to(device)
     w = sample_guidance(n, generator, cfg.guidance_min, cfg.guidance_max).to(device)
     if guidance is not None:
         w = guidance.to(device=device, dtype=w.dtype).expand(n)
@@ -124,7 +125,8 @@ def consistency_distillation_loss(
     t_next = (t + cfg.delta).clamp(max=1.0)
     with torch.no_grad():
         x_next = teacher_solve(teacher_velocity, x_t, t, t_next, w, cfg.solver_steps)
-        if float(t.min()) + cfg.delta >= 1.0:  # every row reaches t' = 1, where f(x, 1) = x: no target network call
+        t_low = min(cfg.t_grid) if cfg.t_grid else cfg.t_min
+        if t_low + cfg.delta >= 1.0:  # every row reaches t' = 1, where f(x, 1) = x: no target network call
             f_target = x_next
         else:
             f_target = consistency_function(x_next, t_next, target(x_next, t_next, cond.detach(), w))

@@ -194,11 +194,13 @@ class JointStep:
         cond_in = cond_s.detach().reshape(-1, C).requires_grad_("target" in e)
         guided = self.teacher_velocity(cond_t.reshape(-1, C), cond_u.reshape(-1, C))
         if stage == "cd":
-            m_draws = cfg.train.cd_batch_mul
-            if m_draws > 1:  # the teacher's rows for each of the m noise draws per token
-                guided = self.teacher_velocity(cond_t.reshape(-1, C).repeat(m_draws, 1),
-                                               cond_u.reshape(-1, C).repeat(m_draws, 1))
-            metrics.update(self.cd_branch(tokens.reshape(-1, D), cond_in, guided, w.loss["dist"], step, gen))
+            m = cfg.train.cd_batch_mul  # noise draws per token: every row (token, conditions) repeated m times
+
+            def rep(a):
+                rows = a.reshape(-1, a.shape[-1])
+                return rows if m == 1 else rows.repeat(m, 1)
+            guided_cd = guided if m == 1 else self.teacher_velocity(rep(cond_t), rep(cond_u))
+            metrics.update(self.cd_branch(rep(tokens), rep(cond_in), guided_cd, w.loss["dist"], step, gen))
         else:
             metrics.update(self.dmd_branch(cond_in, guided, w.loss["dist"], step, gen, tokens.reshape(-1, D), B))
         if "target" in e and cond_in.grad is not None:  # surrogate: d(sum cond * g)/dtheta = dL_dist/dtheta
@@ -244,11 +246,10 @@ class JointStep:
         return total / self.cfg.train.draft_unroll, metrics
 
     def cd_branch(self, tokens, cond_in, guided, weight, step, gen) -> dict:
-        """train.cd_batch_mul > 1: each token's condition is used for that many noise draws (one head batch; the
-        conditions keep their graph, so a trained target gets the mean of the draws' gradients)."""
-        student, m_draws = self.engines["student"], self.cfg.train.cd_batch_mul
-        if m_draws > 1:  # `guided` already holds the repeated teacher conditions (__call__)
-            tokens, cond_in = tokens.repeat(m_draws, 1), cond_in.repeat(m_draws, 1)
+        """tokens / cond_in: (M, D) / (M, C) rows, with `guided` over the same rows. train.cd_batch_mul > 1: every
+        token's rows are repeated (__call__); the repeated conditions keep their graph to cond_in, so a trained
+        target gets the mean of the draws' gradients."""
+        student = self.engines["student"]
         l_cd, m = consistency_distillation_loss(head_fn(student), self.ema_head, guided, tokens, cond_in, gen,
                                                 config=self.cd)
         if self._check("L_cd", l_cd, step, "student"):
@@ -275,7 +276,6 @@ class JointStep:
             x, _ = few_step_generate(head_fn(student), cond_in, noise, grid, gen, guidance=w, step_index=k,
                                      backward_simulation=t.backward_simulation, data=tokens)
         metrics = {}
-        disc = lambda xx, tt: fake("discriminate", xx, tt, cond_in.detach())  # noqa: E731  (train.gan_weight)
         if gen_step:  # generator update against the current fake score (DMD2 order)
             real = lambda xx, tt: guided(xx, tt, w)  # noqa: E731
             fake_v = lambda xx, tt: head_fn(fake)(xx, tt, cond_in.detach())  # noqa: E731
@@ -300,6 +300,7 @@ class JointStep:
             metrics["loss/dist"] = float(l_g.detach())
         l_f, m_f = dmd_fake_score_loss(head_fn(fake), x.detach(), cond_in.detach(), gen, config=self.dmd)
         if t.gan_weight > 0:  # the classifier learns data tokens (real) from the student's (fake) with the fake score
+            disc = lambda xx, tt: fake("discriminate", xx, tt, cond_in.detach())  # noqa: E731
             l_d, m_d = gan_discriminator_loss(disc, tokens, x.detach(), gen, self.dmd.t_min, self.dmd.t_max)
             m_f.update(m_d)
             l_f = l_f + t.gan_disc_weight * l_d

@@ -122,7 +122,8 @@ class JointTask:
         cfg, local = self.cfg, self.rt.local_world_size
         with torch.device("meta"):
             target = build_target(cfg)
-            sizes = {"draft": DraftAR(cfg.model), "student": build_head(cfg, student=True), "fake": build_head(cfg, discriminator=cfg.train.gan_weight > 0)}
+            sizes = {"draft": DraftAR(cfg.model), "student": build_head(cfg, student=True),
+                     "fake": build_head(cfg, discriminator=cfg.train.gan_weight > 0)}
             if cfg.train.target_ar:
                 sizes["target"] = target
             sizes["teacher"] = E.NetSize(*E.count_params(torch.nn.ModuleList([target, build_head(cfg)])),
