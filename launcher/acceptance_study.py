@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fastardiff_ds.cli import add_vae_arg, vae_overrides
-from fastardiff_ds.data.shapes import eval_prompts
+from fastardiff_ds.data.shapes import prompt_seeds
 from fastardiff_ds.inference import load_pipeline
 from fastardiff_ds.analysis.fidelity import acceptance_vs_fidelity
 
@@ -43,9 +43,7 @@ def main(argv=None):
     pipe = load_pipeline(a.ckpt, a.preset, mode, a.overrides)
     if pipe.bundle.draft is None:
         raise SystemExit(f"{a.ckpt} has no draft AR (draft.safetensors): export one with launcher/train_t2i.py")
-    prompts = [m["prompt"] for m in eval_prompts(seed=a.seed)]
-    prompts = (prompts * (a.num_prompts // max(len(prompts), 1) + 1))[: a.num_prompts]
-    seeds = [a.seed + i for i in range(len(prompts))]
+    prompts, seeds = prompt_seeds(a.num_prompts, a.seed)
     tokens = pipe.generate_tokens(prompts, seeds).tokens  # the target's own samples: in-distribution prefixes
     flow_of = pipe.student_flow if a.head == "student" else pipe.teacher_flow
     target, draft = flow_of(pipe.bundle.target), flow_of(pipe.bundle.draft)

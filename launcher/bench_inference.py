@@ -32,7 +32,7 @@ from fastardiff_ds.benchmark import (ModeResult, SectionTimer, decode_seconds, f
                                      summarize)
 from fastardiff_ds.cli import add_vae_arg, vae_overrides
 from fastardiff_ds.config import apply_overrides
-from fastardiff_ds.data.shapes import eval_prompts
+from fastardiff_ds.data.shapes import prompt_seeds
 from fastardiff_ds.inference import MODES, Pipeline, load_pipeline
 from fastardiff_ds.sampling.compiled import graphs_compiled
 
@@ -60,10 +60,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     a.overrides = [*vae_overrides(a.vae), *a.overrides]
     torch.set_num_threads(a.threads)
-    prompts = ([l.strip() for l in Path(a.prompts_file).read_text().splitlines() if l.strip()] if a.prompts_file
-               else [m["prompt"] for m in eval_prompts(seed=a.seed)])
-    prompts = (prompts * (a.num_prompts // max(len(prompts), 1) + 1))[: a.num_prompts]
-    seeds = [a.seed + i for i in range(len(prompts))]
+    listed = [l.strip() for l in Path(a.prompts_file).read_text().splitlines() if l.strip()] if a.prompts_file else None
+    prompts, seeds = prompt_seeds(a.num_prompts, a.seed, listed)
     try:  # a bad folder, override or variant: one line naming it, before anything is timed
         rows = [(m, m, []) for m in a.modes] + [parse_variant(v, MODES) for v in a.variant]
         base = load_pipeline(a.ckpt, a.preset, "baseline", [*a.overrides, f"inference.batch_size={a.batch_size}"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fastardiff_ds.config.rules import align_layer
-from fastardiff_ds.data.shapes import eval_prompts
+from fastardiff_ds.data.shapes import prompt_seeds
 from fastardiff_ds.inference import load_pipeline
 from fastardiff_ds.sampling.draft_policy import draft_cost_ratio
 from fastardiff_ds.analysis.entropy_study import calibrate_tau, entropy_study
@@ -43,9 +43,8 @@ def study_one(ckpt: str, head: str, num_prompts: int, seed: int, cost: float | N
         raise SystemExit(f"error: {ckpt}: {e}") from None
     if pipe.bundle.draft is None:
         raise SystemExit(f"{ckpt} has no draft AR (draft.safetensors): export one with launcher/train_t2i.py")
-    prompts = [m["prompt"] for m in eval_prompts(seed=seed)]
-    prompts = (prompts * (num_prompts // max(len(prompts), 1) + 1))[:num_prompts]
-    tokens = pipe.generate_tokens(prompts, [seed + i for i in range(len(prompts))]).tokens
+    prompts, seeds = prompt_seeds(num_prompts, seed)
+    tokens = pipe.generate_tokens(prompts, seeds).tokens
     flow_of = pipe.student_flow if head == "student" else pipe.teacher_flow
     target, draft = flow_of(pipe.bundle.target), flow_of(pipe.bundle.draft)
     ids, mask = pipe.prompt_batch(prompts, target.cfg.batch_mult == 2)

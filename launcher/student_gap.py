@@ -17,7 +17,7 @@ import torch
 
 from fastardiff_ds.analysis.student_gap import chain_gap
 from fastardiff_ds.cli import add_vae_arg, vae_overrides
-from fastardiff_ds.data.shapes import eval_prompts
+from fastardiff_ds.data.shapes import prompt_seeds
 from fastardiff_ds.inference import load_pipeline
 
 
@@ -40,9 +40,7 @@ def main(argv=None):
         pipe = load_pipeline(a.ckpt, a.preset, "dmd", overrides)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"student_gap: {e}") from None
-    prompts = [m["prompt"] for m in eval_prompts(seed=a.seed)]
-    prompts = (prompts * (a.num_prompts // max(len(prompts), 1) + 1))[: a.num_prompts]
-    seeds = [a.seed + i for i in range(len(prompts))]
+    prompts, seeds = prompt_seeds(a.num_prompts, a.seed)
     teacher = pipe.teacher_flow(pipe.bundle.target)
     student = pipe.student_flow(pipe.bundle.target)
     ids, mask = pipe.prompt_batch(prompts, teacher.cfg.batch_mult == 2)

@@ -213,6 +213,14 @@ def render_scene(scene: dict) -> Image.Image:
     return img
 
 
+def prompt_seeds(n: int, seed: int = 0, prompts: list[str] | None = None) -> tuple[list[str], list[int]]:
+    """n prompts and their image seeds for a study or benchmark: `prompts` (default: the held-out set of
+    `eval_prompts(seed)`) cycled to n, with seeds seed, seed + 1, ..."""
+    prompts = prompts if prompts is not None else [m["prompt"] for m in eval_prompts(seed=seed)]
+    prompts = (prompts * (n // max(len(prompts), 1) + 1))[:n]
+    return prompts, [seed + i for i in range(len(prompts))]
+
+
 def eval_prompts(seed: int = 0, per_task: int = 48) -> list[dict]:
     """Held-out prompt set in GenEval's metadata schema ('a photo of ...'), at most `per_task` per tag.
 
