@@ -74,12 +74,37 @@ def solve_acceptance(goal_s: float, costs: dict, prompt_len: int, num_tokens: in
     return round(hi, 4)
 
 
-def acceptance_targets(costs: dict, prompt_len: int, num_tokens: int, gamma: int, steps: int) -> dict:
-    """break_even (fastardiff = dmd) and the acceptances for 1.5x / 1.8x over dmd and over the baseline."""
+# The bundled model's default rule (exact, adaptive gamma): accepted length 1.52 tokens per round on the bundled
+# tiny model (docs/results/speculation.md, "The paper's Table 2 on the bundled model"), the figure the README's
+# per-image seconds at the real shape are read at.
+BUNDLED_ACCEPTED_LENGTH = 1.52
+
+
+def acceptance_for_length(length: float, gamma: int) -> float:
+    """The per-draft acceptance a whose expected tokens per round, 1 + a + ... + a^gamma, is `length`."""
+    if not 1.0 <= length <= gamma + 1:
+        raise ValueError(f"accepted length {length}: must be in [1, gamma + 1 = {gamma + 1}]")
+    f = lambda a: 1 + sum(a**j for j in range(1, gamma + 1))  # noqa: E731
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < length else (lo, mid)
+    return round((lo + hi) / 2, 4)
+
+
+def acceptance_targets(costs: dict, prompt_len: int, num_tokens: int, gamma: int, steps: int,
+                       bundled_length: float = BUNDLED_ACCEPTED_LENGTH) -> dict:
+    """break_even (fastardiff = dmd) and the acceptances for 1.5x / 1.8x over dmd and over the baseline; the
+    modelled seconds of the three modes at the bundled rule's accepted length (`at_bundled_rule`)."""
     dmd = loop_seconds(costs, "dmd", prompt_len, num_tokens)
     base = loop_seconds(costs, "baseline", prompt_len, num_tokens)
     solve = lambda goal: solve_acceptance(goal, costs, prompt_len, num_tokens, gamma, steps)  # noqa: E731
+    a_b = acceptance_for_length(min(bundled_length, gamma + 1), gamma)
+    fa_b = expected_fastardiff(a_b, costs, prompt_len, num_tokens, gamma, steps)
     return {"break_even_acceptance": solve(dmd),
+            "at_bundled_rule": {"accepted_length": bundled_length, "per_draft_acceptance": a_b,
+                                "modelled_s": {"baseline": base, "dmd": dmd, "fastardiff": fa_b},
+                                "fastardiff_vs_dmd": dmd / fa_b, "fastardiff_vs_baseline": base / fa_b},
             "acceptance_for_speedup_over_dmd": {"1.5x": solve(dmd / 1.5), "1.8x": solve(dmd / 1.8)},
             "speedup_over_dmd_at_acceptance_1": dmd / expected_fastardiff(1.0, costs, prompt_len, num_tokens,
                                                                            gamma, steps),

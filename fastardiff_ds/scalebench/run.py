@@ -83,6 +83,7 @@ def _reprice(raw: dict, sets: list, costs: dict, a: BenchArgs, cfg, N: int, T: i
         per_image = [(secs, cm.price(log, average_costs(sets[i], sets[i + 1]))) for secs, log, i in images]
         m = sum(x for x, _ in per_image) / len(per_image)
         modelled = sum(y for _, y in per_image) / len(per_image)
+        at_mean = sum(cm.price(log, costs) for _, log, _ in images) / len(images)  # the cross-check pricing
         log = images[-1][1]
         if acc is None:
             full, pre = (cm.loop_seconds(costs, name, P, n) for n in (N, T))
@@ -93,6 +94,8 @@ def _reprice(raw: dict, sets: list, costs: dict, a: BenchArgs, cfg, N: int, T: i
         ratio = full / pre
         rows[name] = {"measured_s_per_image": m * ratio, "modelled_s_per_image": modelled * ratio,
                       "model_error": abs(modelled - m) / m, "measured_prefix_s": m,
+                      "modelled_at_mean_costs_s_per_image": at_mean * ratio,
+                      "model_error_at_mean_costs": abs(at_mean - m) / m,
                       "images": [{"measured_s": x, "modelled_s": y} for x, y in per_image],
                       "calls": log.counts(), **extra}
     return rows

@@ -46,6 +46,8 @@ def test_bench_scale_tiny_json_is_complete_and_consistent(tmp_path):
         assert len(r["images"]) >= 1
         err = abs(r["modelled_s_per_image"] - r["measured_s_per_image"]) / r["measured_s_per_image"]
         assert math.isclose(r["model_error"], err, rel_tol=1e-6)
+        m, g = r["measured_s_per_image"], r["modelled_at_mean_costs_s_per_image"]  # the cross-check pricing
+        assert g > 0 and math.isclose(r["model_error_at_mean_costs"], abs(g - m) / m, rel_tol=1e-6)
         errs.append(err)
     # max_model_error is the max over rows of |measured - modelled| / measured
     assert math.isclose(d["max_model_error"], max(errs), rel_tol=1e-9)
@@ -57,6 +59,22 @@ def test_bench_scale_tiny_json_is_complete_and_consistent(tmp_path):
     assert fa["drafted"] + fa["rounds"] >= d["measured_tokens"] - 1  # every round commits a token
     be = d["break_even_acceptance"]
     assert be is None or 0.0 <= be <= 1.0
+    b = d["acceptance_targets"]["eager"]["at_bundled_rule"]  # the README's per-image seconds
+    g = d["gamma"]
+    assert math.isclose(1 + sum(b["per_draft_acceptance"] ** j for j in range(1, g + 1)), b["accepted_length"],
+                        abs_tol=1e-3)
+    s = b["modelled_s"]
+    assert math.isclose(b["fastardiff_vs_dmd"], s["dmd"] / s["fastardiff"], rel_tol=1e-9)
+
+
+def test_acceptance_for_length_inverts_the_expected_round():
+    from fastardiff_ds.scalebench.costmodel import acceptance_for_length
+
+    assert acceptance_for_length(1.0, 4) == 0.0 and acceptance_for_length(5.0, 4) == 1.0
+    a = acceptance_for_length(3.0, 4)
+    assert math.isclose(1 + a + a**2 + a**3 + a**4, 3.0, abs_tol=1e-3)
+    with pytest.raises(ValueError, match="accepted length"):
+        acceptance_for_length(6.0, 4)
 
 
 def test_bench_scale_refuses_invalid_scales(capsys):
