@@ -59,6 +59,7 @@ def _quality(q: dict, ref: dict) -> dict:
     r = {"seeds": sorted(q)}
     for k in ("geneval", "fid", "clip"):
         r[k], r[f"{k}_sd"] = _mean_sd([v[k] for v in q.values()])
+    r["geneval_seeds"] = [q[s]["geneval"] for s in sorted(q)]
     paired = [q[s]["geneval"] - ref[s]["geneval"] for s in q if s in ref]
     r["d_teacher"] = statistics.mean(paired) if paired else None
     r["paired_seeds"] = len(paired)
@@ -130,6 +131,42 @@ def curve_plot(runs: list[str], path: str, keys=("cd/loss", "dmd/loss", "fake/lo
     fig.savefig(path, dpi=120)
 
 
+def train_plot(rs: list[dict], points: list[str], run: str, path: str,
+               keys=("dmd/loss", "fake/loss")) -> None:
+    """GenEval against the training step (points "STEP=ROW_LABEL": the row scoring the export taken at STEP) with the
+    teacher's band and the goal, beside the run's DMD and fake-score losses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {r["label"]: r for r in rs}
+    pts = sorted((int(step), by[lb]) for step, lb in (pt.split("=", 1) for pt in points) if lb in by)
+    t = by["teacher"]
+    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4.6 + 3.0 * len(keys), 3.4))
+    ax = axes[0]
+    for step, r in pts:
+        ax.scatter([step] * len(r["geneval_seeds"]), r["geneval_seeds"], color="C0", s=10, alpha=0.5)
+    ax.plot([s for s, _ in pts], [r["geneval"] for _, r in pts], marker="o", color="C0",
+            label="4-step student (mean of image seeds; dots: each seed)")
+    sd = t["geneval_sd"] or 0
+    ax.axhspan(t["geneval"] - sd, t["geneval"] + sd, color="grey", alpha=0.25)
+    ax.axhline(t["geneval"], color="grey", label="teacher")
+    ax.axhline(t["geneval"] - 0.03, color="grey", ls=":", label="teacher - 0.03 (the goal)")
+    ax.set_xlabel("training step (export)")
+    ax.set_ylabel("shapes-GenEval")
+    ax.legend(fontsize=7, loc="lower left")
+    m = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for ax, k in zip(axes[1:], keys):
+        xy = [(r["step"], r[k]) for r in m if k in r and "step" in r]
+        if xy:
+            ax.plot(*zip(*xy), lw=1)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval-root", required=True)
@@ -142,6 +179,9 @@ def main(argv=None):
     p.add_argument("--step-plot", default=None)
     p.add_argument("--curves", default="", help="comma-separated run dirs for the training-curve plot")
     p.add_argument("--curve-plot", default=None)
+    p.add_argument("--train-curve", default="", help="comma-separated STEP=ROW_LABEL: GenEval over training")
+    p.add_argument("--train-run", default=None, help="the run dir whose losses go beside --train-curve")
+    p.add_argument("--train-plot", default=None)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     rs = rows(Path(a.eval_root), a.teacher, a.row, Path(a.gap_root) if a.gap_root else None, a.tokens,
@@ -151,6 +191,8 @@ def main(argv=None):
         step_plot(rs, a.step_curve.split(","), a.step_plot)
     if a.curve_plot and a.curves:
         curve_plot(a.curves.split(","), a.curve_plot)
+    if a.train_plot and a.train_curve and a.train_run:
+        train_plot(rs, a.train_curve.split(","), a.train_run, a.train_plot)
     if a.json:
         Path(a.json).write_text(json.dumps(rs, indent=2) + "\n")
 
