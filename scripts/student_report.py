@@ -82,6 +82,28 @@ def markdown(rs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _teacher_band(ax, t: dict, label: str) -> None:
+    """The teacher's GenEval with its seed-sd band, and the goal line 0.03 below it."""
+    sd = t["geneval_sd"] or 0
+    ax.axhspan(t["geneval"] - sd, t["geneval"] + sd, color="grey", alpha=0.25)
+    ax.axhline(t["geneval"], color="grey", label=label)
+    ax.axhline(t["geneval"] - 0.03, color="grey", ls=":", label="teacher - 0.03 (the goal)")
+
+
+def _metrics(run: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _plot_losses(axes, m: list[dict], keys, label: str | None = None) -> None:
+    """One line per metric key over the logged steps, a key per axis, titled with the key."""
+    for ax, k in zip(axes, keys):
+        xy = [(r["step"], r[k]) for r in m if k in r and "step" in r]
+        if xy:
+            ax.plot(*zip(*xy), label=label, lw=1)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+
+
 def step_plot(rs: list[dict], labels: list[str], path: str) -> None:
     import matplotlib
 
@@ -98,10 +120,7 @@ def step_plot(rs: list[dict], labels: list[str], path: str) -> None:
     for p in pts:
         ax.annotate(f"{p['steps']} step{'s' if p['steps'] > 1 else ''}", (p["head_evals"], p["geneval"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
-    sd = t["geneval_sd"] or 0
-    ax.axhspan(t["geneval"] - sd, t["geneval"] + sd, color="grey", alpha=0.25)
-    ax.axhline(t["geneval"], color="grey", label=f"teacher, {t['head_evals']} head evals / image")
-    ax.axhline(t["geneval"] - 0.03, color="grey", ls=":", label="teacher - 0.03 (the goal)")
+    _teacher_band(ax, t, f"teacher, {t['head_evals']} head evals / image")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("head evaluations per image")
     ax.set_ylabel("shapes-GenEval")
@@ -118,14 +137,7 @@ def curve_plot(runs: list[str], path: str, keys=("cd/loss", "dmd/loss", "fake/lo
 
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0))
     for run in runs:
-        m = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        for ax, k in zip(axes, keys):
-            pts = [(r["step"], r[k]) for r in m if k in r and "step" in r]
-            if pts:
-                ax.plot(*zip(*pts), label=Path(run).name, lw=1)
-    for ax, k in zip(axes, keys):
-        ax.set_title(k, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        _plot_losses(axes, _metrics(run), keys, Path(run).name)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -149,20 +161,11 @@ def train_plot(rs: list[dict], points: list[str], run: str, path: str,
         ax.scatter([step] * len(r["geneval_seeds"]), r["geneval_seeds"], color="C0", s=10, alpha=0.5)
     ax.plot([s for s, _ in pts], [r["geneval"] for _, r in pts], marker="o", color="C0",
             label="4-step student (mean of image seeds; dots: each seed)")
-    sd = t["geneval_sd"] or 0
-    ax.axhspan(t["geneval"] - sd, t["geneval"] + sd, color="grey", alpha=0.25)
-    ax.axhline(t["geneval"], color="grey", label="teacher")
-    ax.axhline(t["geneval"] - 0.03, color="grey", ls=":", label="teacher - 0.03 (the goal)")
+    _teacher_band(ax, t, "teacher")
     ax.set_xlabel("training step (export)")
     ax.set_ylabel("shapes-GenEval")
     ax.legend(fontsize=7, loc="lower left")
-    m = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    for ax, k in zip(axes[1:], keys):
-        xy = [(r["step"], r[k]) for r in m if k in r and "step" in r]
-        if xy:
-            ax.plot(*zip(*xy), lw=1)
-        ax.set_title(k, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+    _plot_losses(axes[1:], _metrics(run), keys)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -47,16 +47,30 @@ def loop_seconds(costs: dict, kind: str, prompt_len: int, num_tokens: int) -> fl
     return price(loop_log(kind, prompt_len, num_tokens), costs)
 
 
+def tokens_per_round(a: float, gamma: int) -> float:
+    """Expected tokens a round commits at per-draft acceptance a, truncated at the first rejection:
+    1 + a + a^2 + ... + a^gamma (the accepted drafts plus the round's own token)."""
+    return 1 + sum(a**j for j in range(1, gamma + 1))
+
+
+def _smallest(pred, iters: int = 40) -> float:
+    """The smallest a in [0, 1] where the monotone (False ... True) predicate holds, by bisection (the upper end)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if pred(mid) else (mid, hi)
+    return hi
+
+
 def expected_fastardiff(a: float, costs: dict, prompt_len: int, num_tokens: int, gamma: int, steps: int) -> float:
     """Expected seconds per image of fastardiff at per-draft acceptance a (see the module docstring)."""
     L = prompt_len + num_tokens / 2
     c = lambda name, kv=None: call_ms(costs, name, kv)  # noqa: E731
-    accepted = sum(a**j for j in range(1, gamma + 1))
     rnd = (c("draft_b1_k2", L) + (gamma + 1) * c("chain_student") + (gamma - 1) * c("draft_b1_k1", L)
            + c(f"verify_t_b1_k{gamma + 1}", L) + c(f"logprob_r{gamma * steps}") + (1 - a**gamma) * c(f"logprob_r{steps}")
            + c("glue_round"))
     start = c("prefill_t_b1") + c("prefill_d_b1") + c("chain_student")
-    return (start + (num_tokens - 1) / (1 + accepted) * rnd) / 1000.0
+    return (start + (num_tokens - 1) / tokens_per_round(a, gamma) * rnd) / 1000.0
 
 
 def solve_acceptance(goal_s: float, costs: dict, prompt_len: int, num_tokens: int, gamma: int,
@@ -67,11 +81,7 @@ def solve_acceptance(goal_s: float, costs: dict, prompt_len: int, num_tokens: in
         return None
     if f(0.0) <= goal_s:
         return 0.0
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if f(mid) <= goal_s else (mid, hi)
-    return round(hi, 4)
+    return round(_smallest(lambda a: f(a) <= goal_s), 4)
 
 
 # The bundled model's default rule (exact, adaptive gamma): accepted length 1.52 tokens per round on the bundled
@@ -84,12 +94,7 @@ def acceptance_for_length(length: float, gamma: int) -> float:
     """The per-draft acceptance a whose expected tokens per round, 1 + a + ... + a^gamma, is `length`."""
     if not 1.0 <= length <= gamma + 1:
         raise ValueError(f"accepted length {length}: must be in [1, gamma + 1 = {gamma + 1}]")
-    f = lambda a: 1 + sum(a**j for j in range(1, gamma + 1))  # noqa: E731
-    lo, hi = 0.0, 1.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if f(mid) < length else (lo, mid)
-    return round((lo + hi) / 2, 4)
+    return round(_smallest(lambda a: tokens_per_round(a, gamma) >= length, iters=50), 4)
 
 
 def acceptance_targets(costs: dict, prompt_len: int, num_tokens: int, gamma: int, steps: int,
@@ -99,7 +104,7 @@ def acceptance_targets(costs: dict, prompt_len: int, num_tokens: int, gamma: int
     dmd = loop_seconds(costs, "dmd", prompt_len, num_tokens)
     base = loop_seconds(costs, "baseline", prompt_len, num_tokens)
     solve = lambda goal: solve_acceptance(goal, costs, prompt_len, num_tokens, gamma, steps)  # noqa: E731
-    a_b = acceptance_for_length(min(bundled_length, gamma + 1), gamma)
+    a_b = acceptance_for_length(bundled_length, gamma)
     fa_b = expected_fastardiff(a_b, costs, prompt_len, num_tokens, gamma, steps)
     return {"break_even_acceptance": solve(dmd),
             "at_bundled_rule": {"accepted_length": bundled_length, "per_draft_acceptance": a_b,
