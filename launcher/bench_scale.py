@@ -36,8 +36,8 @@ def parse(argv=None) -> BenchArgs:
                    "and extrapolate (said in the JSON)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gamma", type=int, default=None, help="drafts per round (default: the preset's)")
-    p.add_argument("--reps", type=int, default=10, help="repetitions per per-call timing (median)")
-    p.add_argument("--repeats", type=int, default=1, help="images per row (median)")
+    p.add_argument("--reps", type=int, default=10, help="repetitions per per-call timing (their mean)")
+    p.add_argument("--repeats", type=int, default=1, help="images per row (their mean)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="CPU, the smallest valid scale, 64 tokens, 2 acceptances (unless given): the whole path in seconds")
