@@ -83,13 +83,17 @@ class FinalLayer(nn.Module):
 
 
 class SimpleMLPAdaLN(nn.Module):
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, mlp_ratio: float):
+    """out_dim: token_dim (a velocity, NextStep) by default; MAR's DiffLoss net predicts eps and a learned-sigma
+    interpolant, 2 * token_dim (sampling/diffloss.py)."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, mlp_ratio: float,
+                 out_dim: int | None = None):
         super().__init__()
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(cond_dim, width)
         self.input_proj = nn.Linear(token_dim, width)
         self.res_blocks = nn.ModuleList([ResBlock(width, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(width, token_dim)
+        self.final_layer = FinalLayer(width, out_dim or token_dim)
         self.reset_parameters()
 
     def reset_parameters(self):
