@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastardiff_ds.models.flow_head import SimpleMLPAdaLN
-from fastardiff_ds.sampling.diffloss import SpacedCosine, sample_tokens, space_timesteps
+from fastardiff_ds.sampling.diffloss import SpacedCosine, p_step, sample_tokens, space_timesteps
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "mar" / "diffloss_official.pt"
 
@@ -49,6 +49,20 @@ def test_net_forward_matches_official(official):
     f = official["forward"]
     out = _net(official)(f["x"], f["t"], f["z"])
     assert (out - f["out"]).abs().max() < 1e-4 and f["out"].abs().max() > 0.1
+
+
+def test_one_step_matches_official_p_sample(official):
+    """One step from an O(1) state (the full chains below are dominated by x0's blow-up at t = 999)."""
+    net, proc = _net(official), SpacedCosine.make(official["sizes"]["K"])
+    C = official["sizes"]["C"]
+    for st in official["steps"]:
+        i, x = st["i"], st["x"]
+        out = net(x, proc.timestep_map[i].expand(len(x)), st["z"])
+        (noise,) = st["draws"]
+        y = p_step(proc, i, x, out[:, :C], out[:, C:], noise, temperature=0.9)
+        assert _rel(y, st["out"]) < 1e-5, f"spaced step {i}"
+        if i < proc.steps - 1:  # in range below t = 999
+            assert (y - st["out"]).abs().max() < 1e-4 and st["out"].abs().max() < 5, f"spaced step {i}"
 
 
 @pytest.mark.parametrize("case", ["plain", "cfg"])
