@@ -21,7 +21,7 @@ def _net(ref) -> SimpleMLPAdaLN:
     net = SimpleMLPAdaLN(s["C"], s["Z"], s["W"], s["D"], mlp_ratio=1.0, out_dim=2 * s["C"])
     state = {k.removeprefix("diffloss.net."): v for k, v in ref["state"].items()}
     net.load_state_dict(state)  # strict: the official key set, nothing missing or extra
-    return net.eval()
+    return net.eval().requires_grad_(False)
 
 
 def _replay(draws):
