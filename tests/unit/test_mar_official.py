@@ -1,19 +1,29 @@
-"""MAR's DiffLoss sampler (sampling/diffloss.py) against outputs of the official LTH14/mar code at a tiny size
-(tests/fixtures/mar_official.py wrote tests/fixtures/mar/diffloss_official.pt, recording every noise draw)."""
+"""The MAR family against outputs of the official LTH14/mar code at tiny sizes (tests/fixtures/mar_official.py wrote
+tests/fixtures/mar/*.pt with the official modules):
+- diffloss_official.pt: DiffLoss's net, single p_sample steps and whole `DiffLoss.sample` runs with every noise draw
+  recorded (sampling/diffloss.py replays them draw for draw);
+- mar_official.pt: a tiny MAR's state dict (loads strictly) and its encoder and decoder outputs on a fixed mask
+  (models/mar.py; written with timm 0.9.12)."""
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastardiff_ds.models.flow_head import SimpleMLPAdaLN
+from fastardiff_ds.models.mar import MAR, MAR_PRESETS, MARConfig
 from fastardiff_ds.sampling.diffloss import SpacedCosine, p_step, sample_tokens, space_timesteps
 
-FIXTURE = Path(__file__).parents[1] / "fixtures" / "mar" / "diffloss_official.pt"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "mar"
 
 
 @pytest.fixture(scope="module")
 def official():
-    return torch.load(FIXTURE, weights_only=True)
+    return torch.load(FIXTURES / "diffloss_official.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def official_mar():
+    return torch.load(FIXTURES / "mar_official.pt", weights_only=True)
 
 
 def _net(ref) -> SimpleMLPAdaLN:
@@ -81,3 +91,43 @@ def test_respacing_rule_and_bad_step_count():
     assert space_timesteps(10, "3,2") == [0, 2, 4, 5, 9]
     with pytest.raises(ValueError, match="num_sampling_steps"):
         space_timesteps(1000, "2000")
+
+
+def _ours(ref) -> MAR:
+    s = ref["sizes"]
+    cfg = MARConfig(img_size=s["img_size"], vae_stride=s["vae_stride"], patch_size=s["patch_size"],
+                    vae_embed_dim=s["vae_embed_dim"], enc_dim=s["encoder_embed_dim"], enc_depth=s["encoder_depth"],
+                    enc_heads=s["encoder_num_heads"], dec_dim=s["decoder_embed_dim"], dec_depth=s["decoder_depth"],
+                    dec_heads=s["decoder_num_heads"], mlp_ratio=s["mlp_ratio"], buffer_size=s["buffer_size"],
+                    class_num=s["class_num"], diffloss_d=s["diffloss_d"], diffloss_w=s["diffloss_w"])
+    m = MAR(cfg)
+    m.load_state_dict(ref["model"])  # strict: exactly the official key set and shapes
+    return m.eval().requires_grad_(False)
+
+
+def test_encoder_decoder_match_official(official_mar):
+    m = _ours(official_mar)
+    emb = m.class_embedding(official_mar["labels"], len(official_mar["labels"]))
+    enc = m.encode(official_mar["tokens"], official_mar["mask"], emb)
+    assert (enc - official_mar["encoder_out"]).abs().max() < 1e-4
+    z = m.decode(enc, official_mar["mask"])
+    assert z.shape == official_mar["z"].shape and (z - official_mar["z"]).abs().max() < 1e-4
+    assert official_mar["z"].std() > 0.1
+
+
+def test_class_labels_outside_class_num_are_refused(official_mar):
+    m = _ours(official_mar)
+    with pytest.raises(ValueError, match="class_num = 10"):
+        m.class_embedding(torch.tensor([10]), 1)
+    uncond = m.class_embedding(None, 2)
+    assert torch.equal(uncond, m.fake_latent.expand(2, -1))
+    dropped = m.class_embedding(torch.tensor([1, 2]), 2, drop=torch.tensor([True, False]))
+    assert torch.equal(dropped[0], m.fake_latent[0]) and torch.equal(dropped[1], m.class_emb.weight[2])
+
+
+@pytest.mark.parametrize("name,params", [("mar-base", 208e6), ("mar-large", 479e6), ("mar-huge", 943e6)])
+def test_presets_have_the_official_sizes(name, params):
+    with torch.device("meta"):
+        m = MAR(MAR_PRESETS[name])
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - params) / params < 0.02, (name, n)
