@@ -102,9 +102,10 @@ def generator_noise(generator: torch.Generator | None, device) -> NoiseFn:
 
 @torch.no_grad()
 def sample_tokens(net, z: torch.Tensor, proc: SpacedCosine, noise: NoiseFn, temperature: float = 1.0,
-                  cfg: float = 1.0) -> torch.Tensor:
+                  cfg: float = 1.0, cfg_tensor: torch.Tensor | None = None) -> torch.Tensor:
     """Token latents (N, C) for conditions z (N, Z) with net(x, t, c) -> (N, 2C), MAR's `DiffLoss.sample`.
-    With cfg != 1, z is (2N, Z): the conditional rows, then the unconditional ones; the result is (N, C)."""
+    With cfg != 1, z is (2N, Z): the conditional rows, then the unconditional ones; the result is (N, C).
+    cfg_tensor: the same scale as a float32 tensor (MAR's linear schedule computes it so; used in the mix)."""
     C = net.final_layer.linear.out_features // 2
     rows = z.shape[0] // 2 if cfg != 1.0 else z.shape[0]
     x = noise((rows, C))
@@ -115,6 +116,7 @@ def sample_tokens(net, z: torch.Tensor, proc: SpacedCosine, noise: NoiseFn, temp
         eps, v = out[:, :C], out[:, C:]
         if cfg != 1.0:
             cond, uncond = eps.chunk(2)
-            eps, v = uncond + cfg * (cond - uncond), v[:rows]
+            w = cfg if cfg_tensor is None else cfg_tensor
+            eps, v = uncond + w * (cond - uncond), v[:rows]
         x = p_step(proc, i, x, eps, v, noise((z.shape[0], C))[:rows], temperature)
     return x
