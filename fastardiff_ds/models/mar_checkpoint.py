@@ -66,3 +66,52 @@ def read_mar_checkpoint(path: str | Path, weights: str = "model_ema", trust_pick
     args = ck.get("args")
     return MARCheckpoint(dict(state), weights, vars(args) if isinstance(args, argparse.Namespace) else dict(args or {}),
                          ck.get("epoch"))
+
+
+OFFICIAL_HEADS = {"mar_base": 12, "mar_large": 16, "mar_huge": 16}  # models/mar.py factories (encoder = decoder)
+
+
+def mar_config(ck: MARCheckpoint, heads: int | None = None):
+    """The MARConfig of a checkpoint: widths, depths, sizes from the state dict's shapes, the image geometry and
+    DiffLoss steps from its args, the head count from the official model name (`args.model`) or `heads`."""
+    from .mar import MARConfig
+
+    s, a = ck.state, ck.args
+    heads = heads or OFFICIAL_HEADS.get(a.get("model"))
+    if heads is None:
+        raise ValueError(f"args.model={a.get('model')!r} is not an official MAR size ({sorted(OFFICIAL_HEADS)}): "
+                         "pass the attention head count (heads=..., --heads)")
+
+    def depth(prefix: str) -> int:  # blocks in a ModuleList: distinct indices after "prefix."
+        return len({k[len(prefix) + 1:].split(".")[0] for k in s if k.startswith(prefix + ".")})
+    n_cls, enc = s["class_emb.weight"].shape
+    dec = s["decoder_embed.weight"].shape[0]
+    L_P = s["encoder_pos_embed_learned"].shape[1]
+    L = s["diffusion_pos_embed_learned"].shape[1]
+    patch = int(a.get("patch_size", 1))
+    token_dim = s["z_proj.weight"].shape[1]
+    vae_dim = int(a.get("vae_embed_dim", token_dim // patch**2))
+    stride = int(a.get("vae_stride", 16))
+    img = int(a.get("img_size", round(L**0.5) * stride * patch))
+    cfg = MARConfig(img_size=img, vae_stride=stride, patch_size=patch, vae_embed_dim=vae_dim, enc_dim=enc,
+                    enc_depth=depth("encoder_blocks"), enc_heads=heads, dec_dim=dec, dec_depth=depth("decoder_blocks"),
+                    dec_heads=heads, mlp_ratio=s["encoder_blocks.0.mlp.fc1.weight"].shape[0] / enc,
+                    buffer_size=L_P - L, class_num=n_cls, diffloss_d=depth("diffloss.net.res_blocks"),
+                    diffloss_w=s["diffloss.net.input_proj.weight"].shape[0])
+    if cfg.seq_len != L or cfg.token_dim != token_dim:
+        raise ValueError(f"args (img_size {img}, vae_stride {stride}, patch_size {patch}, vae_embed_dim {vae_dim}) "
+                         f"give {cfg.seq_len} tokens of {cfg.token_dim}, the weights hold {L} of {token_dim}")
+    return cfg
+
+
+def load_mar(path, weights: str = "model_ema", heads: int | None = None, trust_pickle: bool = False):
+    """(MAR model in eval mode, its num_sampling_steps) from an official checkpoint-last.pth."""
+    from .mar import MAR
+
+    ck = read_mar_checkpoint(path, weights, trust_pickle)
+    model = MAR(mar_config(ck, heads))
+    missing, unexpected = model.load_state_dict(ck.state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: '{weights}' does not fit the MAR layout (missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]})")
+    return model.eval(), str(ck.args.get("num_sampling_steps", "100"))

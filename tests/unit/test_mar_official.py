@@ -158,3 +158,24 @@ def test_masked_generation_refuses_bad_settings(official_mar):
         mar_generate(m, torch.tensor([1]), orders, proc, lambda s: torch.zeros(s), 17)
     with pytest.raises(ValueError, match="class_num"):
         mar_generate(m, torch.tensor([12]), orders, proc, lambda s: torch.zeros(s), 4)
+
+
+def test_official_checkpoint_file_loads_into_the_model(official_mar, tmp_path):
+    """The fixture's weights saved as util/misc.py save_model does, read back through load_mar: same outputs."""
+    import argparse
+
+    from fastardiff_ds.models.mar_checkpoint import load_mar
+
+    s = official_mar["sizes"]
+    args = argparse.Namespace(model="mar_tiny", img_size=s["img_size"], vae_stride=16, patch_size=1,
+                              vae_embed_dim=16, num_sampling_steps="8", buffer_size=s["buffer_size"])
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": official_mar["model"], "model_ema": official_mar["model"], "optimizer": {}, "epoch": 1,
+                "scaler": {}, "args": args}, path)
+    with pytest.raises(ValueError, match="heads=..."):
+        load_mar(path)
+    m, steps = load_mar(path, heads=s["encoder_num_heads"])
+    assert steps == "8" and m.cfg.enc_depth == 2 and m.cfg.diffloss_d == 2 and m.cfg.buffer_size == 4
+    emb = m.class_embedding(official_mar["labels"], 3)
+    z = m(official_mar["tokens"], official_mar["mask"], emb)
+    assert (z - official_mar["z"]).abs().max() < 1e-4
