@@ -4,7 +4,8 @@
 "optimizer", "epoch", "scaler", "args": argparse.Namespace}. `model_ema` holds the EMA weights the paper's numbers
 use (None when a run saved without EMA). The Namespace is the only non-tensor object in it, so the file is read with
 `torch.load(weights_only=True)` and argparse.Namespace alone allowed; anything else in the pickle is refused with
-its name, and loads only with `trust_pickle=True` (full unpickling: run only on files you trust).
+its name, and loads only when the caller names it (`allow_globals`, still under weights_only: the package never
+unpickles fully outside engines/trusted.py's verified loader).
 """
 from __future__ import annotations
 
@@ -28,21 +29,19 @@ class MARCheckpoint:
     epoch: int | None = None
 
 
-def _load(path: Path, trust_pickle: bool):
-    if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
+def _load(path: Path, allow_globals: tuple):
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, *allow_globals]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: holds objects other than tensors and the training args ({str(e).splitlines()[-1]})"
-                         "; if you trust the file, load it with trust_pickle=True (--trust-pickle), which unpickles "
-                         "arbitrary code") from None
+        found = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln), str(e)[:200])
+        raise ValueError(f"{path}: holds objects other than tensors and the training args ({found}); if you trust "
+                         "them, name them in allow_globals=(...) (they are then allowed, nothing else)") from None
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a readable torch checkpoint ({e}); re-download checkpoint-last.pth") from None
 
 
-def read_mar_checkpoint(path: str | Path, weights: str = "model_ema", trust_pickle: bool = False) -> MARCheckpoint:
+def read_mar_checkpoint(path: str | Path, weights: str = "model_ema", allow_globals: tuple = ()) -> MARCheckpoint:
     """The `weights` state dict ("model_ema", default, or "model") of an official MAR checkpoint, with its args."""
     path = Path(path)
     if weights not in WEIGHTS:
@@ -50,7 +49,7 @@ def read_mar_checkpoint(path: str | Path, weights: str = "model_ema", trust_pick
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such MAR checkpoint (expected pretrained_models/mar/<size>/"
                                 "checkpoint-last.pth)")
-    ck = _load(path, trust_pickle)
+    ck = _load(path, tuple(allow_globals))
     if not isinstance(ck, dict) or "model" not in ck:
         keys = sorted(ck)[:8] if isinstance(ck, dict) else type(ck).__name__
         raise ValueError(f"{path}: not a MAR checkpoint-last.pth (top level {keys}; expected 'model', 'model_ema', "
@@ -104,11 +103,11 @@ def mar_config(ck: MARCheckpoint, heads: int | None = None):
     return cfg
 
 
-def load_mar(path, weights: str = "model_ema", heads: int | None = None, trust_pickle: bool = False):
+def load_mar(path, weights: str = "model_ema", heads: int | None = None, allow_globals: tuple = ()):
     """(MAR model in eval mode, its num_sampling_steps) from an official checkpoint-last.pth."""
     from .mar import MAR
 
-    ck = read_mar_checkpoint(path, weights, trust_pickle)
+    ck = read_mar_checkpoint(path, weights, allow_globals)
     model = MAR(mar_config(ck, heads))
     missing, unexpected = model.load_state_dict(ck.state, strict=False)
     if missing or unexpected:
