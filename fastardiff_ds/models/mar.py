@@ -125,7 +125,7 @@ class MAR(nn.Module):
         B, _, E = x.shape
         P = self.cfg.buffer_size
         x = torch.cat([class_emb[:, None].expand(B, P, E).to(x.dtype), x], 1)
-        keep = torch.cat([mask.new_zeros(B, P), mask], 1) == 0
+        keep = self._visible(mask)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
         x = x[keep].reshape(B, -1, E)  # drop the masked tokens
         for blk in self.encoder_blocks:
@@ -136,13 +136,17 @@ class MAR(nn.Module):
         """Encoder output (B, P + visible, E), mask (B, L) -> DiffLoss conditions (B, L, Dd) for every token."""
         x = self.decoder_embed(x)
         B, P = x.shape[0], self.cfg.buffer_size
-        keep = torch.cat([mask.new_zeros(B, P), mask], 1) == 0
+        keep = self._visible(mask)
         full = self.mask_token.to(x.dtype).expand(B, keep.shape[1], -1).clone()
         full[keep] = x.reshape(-1, x.shape[-1])
         x = full + self.decoder_pos_embed_learned
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_norm(x)[:, P:] + self.diffusion_pos_embed_learned
+
+    def _visible(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, P + L) bool: the class buffer and the unmasked image tokens."""
+        return torch.cat([mask.new_zeros(mask.shape[0], self.cfg.buffer_size), mask], 1) == 0
 
     def forward(self, tokens, mask, class_emb):
         return self.decode(self.encode(tokens, mask, class_emb), mask)

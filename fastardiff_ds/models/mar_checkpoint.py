@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .mar import MAR, MARConfig
+
 # Keys every MAR state dict has (models/mar.py); a file without them is another family's checkpoint.
 MAR_KEYS = ("class_emb.weight", "z_proj.weight", "encoder_pos_embed_learned", "diffloss.net.input_proj.weight")
 WEIGHTS = ("model_ema", "model")
@@ -70,11 +72,9 @@ def read_mar_checkpoint(path: str | Path, weights: str = "model_ema", allow_glob
 OFFICIAL_HEADS = {"mar_base": 12, "mar_large": 16, "mar_huge": 16}  # models/mar.py factories (encoder = decoder)
 
 
-def mar_config(ck: MARCheckpoint, heads: int | None = None):
+def mar_config(ck: MARCheckpoint, heads: int | None = None) -> MARConfig:
     """The MARConfig of a checkpoint: widths, depths, sizes from the state dict's shapes, the image geometry and
     DiffLoss steps from its args, the head count from the official model name (`args.model`) or `heads`."""
-    from .mar import MARConfig
-
     s, a = ck.state, ck.args
     heads = heads or OFFICIAL_HEADS.get(a.get("model"))
     if heads is None:
@@ -105,8 +105,6 @@ def mar_config(ck: MARCheckpoint, heads: int | None = None):
 
 def load_mar(path, weights: str = "model_ema", heads: int | None = None, allow_globals: tuple = ()):
     """(MAR model in eval mode, its num_sampling_steps) from an official checkpoint-last.pth."""
-    from .mar import MAR
-
     ck = read_mar_checkpoint(path, weights, allow_globals)
     model = MAR(mar_config(ck, heads))
     missing, unexpected = model.load_state_dict(ck.state, strict=False)

@@ -95,28 +95,22 @@ def p_step(proc: SpacedCosine, i: int, x: torch.Tensor, eps: torch.Tensor, v: to
     return mean + torch.exp(0.5 * log_var) * noise * temperature
 
 
-def generator_noise(generator: torch.Generator | None, device) -> NoiseFn:
-    """Standard normal draws from `generator` (CPU draws, moved: the same samples on any device)."""
-    return lambda shape: torch.randn(shape, generator=generator).to(device)
-
-
 @torch.no_grad()
 def sample_tokens(net, z: torch.Tensor, proc: SpacedCosine, noise: NoiseFn, temperature: float = 1.0,
-                  cfg: float = 1.0, cfg_tensor: torch.Tensor | None = None) -> torch.Tensor:
+                  cfg: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Token latents (N, C) for conditions z (N, Z) with net(x, t, c) -> (N, 2C), MAR's `DiffLoss.sample`.
     With cfg != 1, z is (2N, Z): the conditional rows, then the unconditional ones; the result is (N, C).
-    cfg_tensor: the same scale as a float32 tensor (MAR's linear schedule computes it so; used in the mix)."""
+    cfg may be a float32 tensor (MAR's linear schedule computes it so, and mixes eps at that precision)."""
     C = net.final_layer.linear.out_features // 2
-    rows = z.shape[0] // 2 if cfg != 1.0 else z.shape[0]
+    guided = float(cfg) != 1.0
+    rows = z.shape[0] // 2 if guided else z.shape[0]
     x = noise((rows, C))
     for i in reversed(range(proc.steps)):
         t = proc.timestep_map[i].expand(z.shape[0]).to(z.device)
-        inp = torch.cat([x, x]) if cfg != 1.0 else x
-        out = net(inp, t, z)
+        out = net(torch.cat([x, x]) if guided else x, t, z)
         eps, v = out[:, :C], out[:, C:]
-        if cfg != 1.0:
+        if guided:
             cond, uncond = eps.chunk(2)
-            w = cfg if cfg_tensor is None else cfg_tensor
-            eps, v = uncond + w * (cond - uncond), v[:rows]
+            eps, v = uncond + cfg * (cond - uncond), v[:rows]
         x = p_step(proc, i, x, eps, v, noise((z.shape[0], C))[:rows], temperature)
     return x

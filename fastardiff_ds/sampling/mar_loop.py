@@ -49,9 +49,8 @@ def mar_generate(model, labels: torch.Tensor | None, orders: torch.Tensor, proc:
         nxt = torch.zeros(B, L, device=dev).scatter(1, orders[:, : int(mask_len)], 1.0)
         pred = mask.bool() if step == num_iter - 1 else mask.bool() ^ nxt.bool()
         mask = nxt
-        scale = 1 + (cfg - 1) * (L - mask_len) / L if cfg_schedule == "linear" else torch.tensor([cfg])
+        scale = 1 + (cfg - 1) * (L - mask_len) / L if cfg_schedule == "linear" else torch.tensor([cfg], device=dev)
         zs = z[torch.cat([pred, pred])] if guided else z[pred]
         tokens = tokens.clone()
-        tokens[pred] = sample_tokens(model.diffloss.net, zs, proc, noise, temperature, float(scale) if guided
-                                     else 1.0, cfg_tensor=scale.to(dev) if guided else None)
+        tokens[pred] = sample_tokens(model.diffloss.net, zs, proc, noise, temperature, scale if guided else 1.0)
     return tokens
