@@ -10,13 +10,13 @@ unpickles fully outside engines/trusted.py's verified loader).
 from __future__ import annotations
 
 import argparse
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .mar import MAR, MARConfig
+from .weights import load_pickle_weights_only
 
 # Keys every MAR state dict has (models/mar.py); a file without them is another family's checkpoint.
 MAR_KEYS = ("class_emb.weight", "z_proj.weight", "encoder_pos_embed_learned", "diffloss.net.input_proj.weight")
@@ -32,15 +32,10 @@ class MARCheckpoint:
 
 
 def _load(path: Path, allow_globals: tuple):
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace, *allow_globals]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln), str(e)[:200])
-        raise ValueError(f"{path}: holds objects other than tensors and the training args ({found}); if you trust "
-                         "them, name them in allow_globals=(...) (they are then allowed, nothing else)") from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({e}); re-download checkpoint-last.pth") from None
+    return load_pickle_weights_only(
+        path, (argparse.Namespace, *allow_globals), fix="re-download checkpoint-last.pth",
+        trust_hint="a MAR checkpoint holds only tensors and the training args; if you trust them, name them in "
+                   "allow_globals=(...) (they are then allowed, nothing else)")
 
 
 def read_mar_checkpoint(path: str | Path, weights: str = "model_ema", allow_globals: tuple = ()) -> MARCheckpoint:

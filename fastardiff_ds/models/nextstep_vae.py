@@ -102,20 +102,25 @@ _RENAMES = [
     (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
     (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
     (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"^encoder\.down\.(\d+)\.attn\.(\d+)\.norm\.", r"encoder.down_blocks.\1.attentions.\2.group_norm."),
+    (r"^encoder\.down\.(\d+)\.attn\.(\d+)\.([qkv])\.", r"encoder.down_blocks.\1.attentions.\2.to_\3."),
+    (r"^encoder\.down\.(\d+)\.attn\.(\d+)\.proj_out\.", r"encoder.down_blocks.\1.attentions.\2.to_out.0."),
     (r"\.nin_shortcut\.", ".conv_shortcut."),
 ]
 
 
-def convert_official_state(state: dict, num_levels: int) -> dict:
-    """Official checkpoint.pt state dict -> diffusers AutoencoderKL state dict.
+def convert_official_state(state: dict, num_levels: int, keep: tuple[str, ...] = ("encoder.", "decoder.")) -> dict:
+    """Official (LDM-named) state dict -> diffusers AutoencoderKL state dict.
 
     The official decoder keeps `up[i]` at resolution level i (built with insert(0, ...)) while diffusers runs
     `up_blocks` from the lowest resolution, so `decoder.up.{i}` becomes `decoder.up_blocks.{num_levels-1-i}`.
-    The attention's 1x1 convs (C, C, 1, 1) become linear weights (C, C). Keys outside encoder./decoder. are dropped.
+    The attention's 1x1 convs (C, C, 1, 1) become linear weights (C, C); attention inside encoder levels
+    (`encoder.down.{i}.attn.{j}`, as LDM's KL-f16 has) maps to `AttnDownEncoderBlock2D`. Keys outside `keep` are
+    dropped (NextStep: encoder./decoder.; KL-16 also keeps quant_conv./post_quant_conv.).
     """
     out = {}
     for key, value in state.items():
-        if not key.startswith(("encoder.", "decoder.")):
+        if not key.startswith(keep):
             continue
         m = re.match(r"^decoder\.up\.(\d+)\.(block|upsample)\.", key)
         if m:

@@ -13,6 +13,7 @@ assigned (`load_state_dict(assign=True)`), so a bf16 14B checkpoint never exists
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +26,23 @@ HEAD_PREFIX = "image_head."
 IGNORED_PREFIXES = ("lm_head.", "before_lm_head.", "gen_pos_embed")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+def load_pickle_weights_only(path: Path, allow_globals: tuple = (), fix: str = "", trust_hint: str = ""):
+    """`torch.load(weights_only=True)` of a foreign .pth/.ckpt with `allow_globals` allowed, errors named: a
+    pickle with other objects names the first refused global (and `trust_hint`, how to allow it), a file that is
+    no torch checkpoint at all says so; `fix` ends both messages."""
+    try:
+        with torch.serialization.safe_globals(list(allow_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+        if found is None:
+            raise ValueError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0][:120]}); "
+                             f"{fix}") from None
+        raise ValueError(f"{path}: holds objects other than tensors ({found}); {trust_hint or fix}") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e}); {fix}") from None
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -60,6 +60,9 @@ def test_other_family_and_missing_file_and_bad_weights(tmp_path):
     bad.write_bytes(_save(tmp_path / "full.pth").read_bytes()[:200])
     with pytest.raises(ValueError, match="not a readable torch checkpoint"):
         read_mar_checkpoint(bad)
+    (tmp_path / "page.pth").write_text("<html>403 Forbidden</html>")  # a failed download: not a zip, not a pickle
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        read_mar_checkpoint(tmp_path / "page.pth")
 
 
 def test_foreign_objects_need_the_explicit_flag(tmp_path):
