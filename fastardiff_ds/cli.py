@@ -50,6 +50,22 @@ def config_from_args(args: argparse.Namespace, adopt_teacher: bool = False) -> C
     return cfg
 
 
+def c2i_config_from_args(args: argparse.Namespace):
+    """The class-conditional (MAR) config of a launcher's --preset / --config / overrides (config/c2i.py); a bad
+    key or value exits with the error naming it; --print-config prints it and exits."""
+    from .config.c2i import resolve_c2i_config
+
+    try:
+        cfg = resolve_c2i_config(args.preset, args.config, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        print("\nvalid keys:\n  " + "\n  ".join(dotted_keys(cfg)))
+        sys.exit(0)
+    return cfg
+
+
 def text_and_image_tokenizers(cfg: Config, device="cpu"):
     """Load both tokenizers for a config (asset paths resolve against the repository root)."""
     from .models import build_image_tokenizer, check_special_token_ids, load_text_tokenizer, resolve_asset

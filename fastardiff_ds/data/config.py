@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 Kind = Literal["pixels", "latents"]
+Conditioning = Literal["text", "class"]
 Interpolation = Literal["bicubic", "bilinear", "box", "nearest", "lanczos"]
 KINDS, INTERPOLATIONS = get_args(Kind), get_args(Interpolation)
 
@@ -29,6 +30,9 @@ class DataConfig:
         (model.image.resolution; model.text.max_length + the prompt suffix) and the root seed
         (config/rules.py); the loader needs them set.
     min_image_size: images whose shorter side is smaller are skipped (reason "too_small").
+    conditioning: "text" needs a caption (``KEY.txt``); "class" needs a class label instead: ``KEY.cls`` (an
+        integer as text, as webdataset's ImageNet shards and img2dataset's class columns write it) or the JSON's
+        "label", and ``num_classes`` bounds it (skip reasons "missing_label", "bad_cls", "label_out_of_range").
     """
 
     shards: str = ""
@@ -46,6 +50,8 @@ class DataConfig:
     interpolation: Interpolation = "bicubic"
     min_image_size: int = 16
     prefetch_factor: int = 2
+    conditioning: Conditioning = "text"
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -40,6 +40,22 @@ def decode_caption(raw: dict) -> str:
     return caption
 
 
+def decode_label(raw: dict, meta: dict, num_classes: int | None) -> int:
+    """The class label: ``KEY.cls`` (ASCII integer, surrounding whitespace allowed) or the JSON's int "label"."""
+    if "cls" in raw:
+        try:
+            label = int(raw["cls"].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise SkipSample("bad_cls", f"{raw['cls'][:24]!r} is not an integer") from None
+    elif isinstance(meta.get("label"), int) and not isinstance(meta.get("label"), bool):
+        label = meta["label"]
+    else:
+        raise SkipSample("missing_label", "no .cls member and no integer 'label' in the .json")
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise SkipSample("label_out_of_range", f"{label} not in [0, {num_classes})")
+    return label
+
+
 def decode_json(raw: dict) -> dict:
     """``KEY.json`` as a dict ({} when absent)."""
     if "json" not in raw:

@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fastardiff_ds.data.config import DataConfig
-from fastardiff_ds.data.decode import (SkipSample, decode_caption, decode_image, decode_json, decode_latent,
-                                       tokenize_caption)
+from fastardiff_ds.data.decode import (SkipSample, decode_caption, decode_image, decode_json, decode_label,
+                                       decode_latent, tokenize_caption)
 from fastardiff_ds.data.shards import SkipCounter, iter_tar
 
 
@@ -119,7 +119,9 @@ class WorkerStream(IterableDataset):
 
     def _decode(self, raw: dict, w: int, idx: int) -> dict:
         p, cfg = self.plan, self.plan.cfg
-        caption, meta = decode_caption(raw), decode_json(raw)
+        meta = decode_json(raw)
+        label = decode_label(raw, meta, cfg.num_classes) if cfg.conditioning == "class" else None
+        caption = decode_caption(raw) if label is None else ""  # class-conditional: no caption needed
         if cfg.kind == "latents":
             image = decode_latent(raw)
         else:
@@ -132,7 +134,9 @@ class WorkerStream(IterableDataset):
         except Exception as e:  # a caption the tokenizer rejects is bad data, not a crash
             raise SkipSample("tokenize_error", f"{type(e).__name__}: {e}") from None
         out = {"image": image, "input_ids": ids, "attention_mask": mask, "caption": caption, "key": raw["__key__"]}
-        if isinstance(meta.get("label"), int):
+        if label is not None:
+            out["label"] = label
+        elif isinstance(meta.get("label"), int):
             out["label"] = meta["label"]
         return out
 

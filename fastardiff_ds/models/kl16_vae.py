@@ -118,3 +118,26 @@ def load_kl16(path: str | Path, scale: float = MAR_SCALE) -> KL16VAE:
         raise ValueError(f"{path}: does not match the KL-16 layout {params}: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}")
     return vae.eval()
+
+
+class KL16Tokenizer:
+    """Images <-> MAR tokens through the KL-16 VAE: encode samples the posterior (as MAR trains; `sample=False`
+    for its mean), scales by 0.2325 and patchifies by `patch_size`; decode undoes it and clamps to [-1, 1]."""
+
+    def __init__(self, vae: KL16VAE, patch_size: int = 1, device=None):
+        self.vae, self.patch_size = vae.eval().requires_grad_(False), patch_size
+        if device is not None:
+            self.vae.to(device)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        from .image_tokenizers import patchify
+
+        return patchify(self.vae.tokens(pixels, sample=sample), self.patch_size)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        from .image_tokenizers import unpatchify
+
+        grid = round((tokens.shape[1]) ** 0.5)
+        return self.vae.images(unpatchify(tokens, self.patch_size, self.vae.kl16.embed_dim, grid)).clamp(-1, 1)

@@ -10,6 +10,7 @@ unpickles fully outside engines/trusted.py's verified loader).
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,3 +108,43 @@ def load_mar(path, weights: str = "model_ema", heads: int | None = None, allow_g
         raise ValueError(f"{path}: '{weights}' does not fit the MAR layout (missing {missing[:4]}, unexpected "
                          f"{unexpected[:4]})")
     return model.eval(), str(ck.args.get("num_sampling_steps", "100"))
+
+
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+def save_mar_export(folder, cfg, state: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
+    """Our MAR inference checkpoint: `config.json` (the resolved class-conditional config), `model.safetensors`
+    (the MAR state dict, official key names) and `meta.json`."""
+    from safetensors.torch import save_file
+
+    from ..config.overrides import save_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / EXPORT_WEIGHTS))
+    save_config(cfg, folder / "config.json")
+    (folder / "meta.json").write_text(json.dumps(meta or {}, indent=2, default=str))
+    return folder
+
+
+def load_mar_export(folder):
+    """(MAR in eval mode, its C2IConfig) from a folder `save_mar_export` wrote."""
+    from safetensors.torch import load_file
+
+    from ..config.c2i import C2IConfig, derive_c2i
+    from ..config.resolve import load_file as merge_config_file, validate
+
+    folder = Path(folder)
+    if not (folder / EXPORT_WEIGHTS).is_file() or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a MAR checkpoint folder (needs config.json + {EXPORT_WEIGHTS}, as "
+                                "launcher/pretrain_c2i.py writes to run_dir/checkpoint); an official "
+                                "checkpoint-last.pth loads with load_mar")
+    cfg = derive_c2i(validate(merge_config_file(C2IConfig(), folder / "config.json")))
+    model = MAR(cfg.model)
+    state = load_file(str(folder / EXPORT_WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder}/{EXPORT_WEIGHTS} does not fit its config.json's model (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]})")
+    return model.eval(), cfg

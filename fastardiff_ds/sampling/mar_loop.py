@@ -20,8 +20,9 @@ CFG_SCHEDULES = ("linear", "constant")
 
 
 def random_orders(batch: int, seq_len: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, L) long: one random generation order per image."""
-    return torch.stack([torch.randperm(seq_len, generator=generator) for _ in range(batch)])
+    """(B, L) long: one random generation order per image, on the generator's device."""
+    dev = generator.device if generator is not None else None
+    return torch.stack([torch.randperm(seq_len, generator=generator, device=dev) for _ in range(batch)])
 
 
 @torch.no_grad()

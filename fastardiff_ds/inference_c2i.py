@@ -1,0 +1,85 @@
+"""Class-conditional generation with a MAR checkpoint (the MAR row): our export folder or an official
+`checkpoint-last.pth`, through `sampling/mar_loop.py` with seeded noise.
+
+    pipe = MARPipeline.from_pretrained("runs/mar_tiny/checkpoint")             # config.json + model.safetensors
+    pipe = MARPipeline.from_pretrained("pretrained_models/mar/mar_large/checkpoint-last.pth",
+                                       vae_path="pretrained_models/vae/kl16.ckpt")
+    images = pipe.generate([207, 360], seed=0)                                  # PIL images
+
+A batch is one draw stream: `seed` fixes the generation orders (drawn first) and then every noise draw, in the
+order the official sampler makes them, so a (labels, seed) pair always gives the same images.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .config.c2i import C2IConfig, resolve_c2i_config
+from .models.image_tokenizers import build_c2i_tokenizer
+from .models.mar import MAR
+from .models.mar_checkpoint import load_mar, load_mar_export
+from .sampling.diffloss import SpacedCosine
+from .sampling.mar_loop import mar_generate, random_orders
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images (MAR's (x + 1) / 2, rounded to 8 bits)."""
+    x = ((pixels.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+
+class MARPipeline:
+    def __init__(self, model: MAR, cfg: C2IConfig, tokenizer, device: str = "cpu"):
+        self.model, self.cfg, self.tokenizer = model.to(device).eval(), cfg, tokenizer
+        self.device = torch.device(device)
+        self._procs: dict[str, SpacedCosine] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", vae_path: str | None = None,
+                        weights: str = "model_ema", heads: int | None = None) -> MARPipeline:
+        """Our export folder (its config.json says everything), or an official checkpoint-last.pth (sizes from its
+        weights and args; sampling defaults of engine_mar.py; `vae_path` = kl16.ckpt)."""
+        path = Path(path)
+        if path.is_dir():
+            model, cfg = load_mar_export(path)
+        else:
+            model, steps = load_mar(path, weights, heads)
+            cfg = resolve_c2i_config("mar-large", overrides=[f"image.vae_path={vae_path or ''}"])
+            cfg.model = dataclasses.replace(model.cfg)
+            cfg.data.resolution = model.cfg.img_size
+            cfg.sampling.num_sampling_steps = steps
+        return cls(model, cfg, build_c2i_tokenizer(cfg, device), device)
+
+    def process(self, steps: str) -> SpacedCosine:
+        if steps not in self._procs:
+            self._procs[steps] = SpacedCosine.make(steps)
+        return self._procs[steps]
+
+    @torch.no_grad()
+    def generate_tokens(self, labels: list[int] | torch.Tensor | None, seed: int, batch: int | None = None,
+                        **overrides) -> torch.Tensor:
+        """Tokens (B, L, C); `overrides` replace cfg.sampling keys (num_iter, cfg, cfg_schedule, temperature,
+        num_sampling_steps). labels None: `batch` unconditional images."""
+        s = dataclasses.replace(self.cfg.sampling, **overrides)
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        B = len(labels) if labels is not None else int(batch or 1)
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        orders = random_orders(B, self.model.cfg.seq_len, g).to(self.device)
+
+        def noise(shape):
+            return torch.randn(shape, generator=g).to(self.device)
+        return mar_generate(self.model, labels, orders, self.process(str(s.num_sampling_steps)), noise,
+                            num_iter=s.num_iter, cfg=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature)
+
+    @torch.no_grad()
+    def generate(self, labels, seed: int = 0, **overrides) -> list[Image.Image]:
+        return to_pil(self.tokenizer.decode(self.generate_tokens(labels, seed, **overrides)))
+
+
+def generate_images(checkpoint: str | Path, labels: list[int], seed: int = 0, device: str = "cpu",
+                    **overrides) -> list[Image.Image]:
+    return MARPipeline.from_pretrained(checkpoint, device).generate(labels, seed, **overrides)
