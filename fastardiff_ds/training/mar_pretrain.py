@@ -12,6 +12,7 @@ Every draw comes from the loop's generator, so a resumed run continues the same 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
@@ -71,6 +72,17 @@ class MARTrainNet(nn.Module):
                       "mar/mask_rate": n_masked / L}
 
 
+@contextlib.contextmanager
+def dropout_rng(generator: torch.Generator, device: torch.device):
+    """The global RNG (MAR's dropouts draw from it) seeded from the loop's generator for one step, restored
+    after: dropout masks become part of the checkpointed stream, so a resumed run repeats them exactly."""
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_mar_train_net(cfg: C2IConfig) -> Dispatch:
     return Dispatch(MARTrainNet(MAR(cfg.model)))
 
@@ -117,12 +129,14 @@ class MARPretrainTask:
     def pretrain_step(self, inputs: tuple, step: int, gen: torch.Generator) -> dict:
         pc = self.cfg.pretrain
         tokens, labels = inputs
-        loss, metrics = self.engine("loss", tokens, labels, gen, pc.batch_mul, pc.mask_ratio_min, pc.label_drop_prob)
-        if not self.rt.all_finite(loss):
-            raise FloatingPointError(f"MAR pretraining loss is not finite at step {step} (on some rank): lower "
-                                     "pretrain.lr or check the data; the last checkpoint is intact (resume with "
-                                     "--resume auto)")
-        self.engine.backward(loss)
+        with dropout_rng(gen, self.device):  # forward and backward: the masks are drawn in forward
+            loss, metrics = self.engine("loss", tokens, labels, gen, pc.batch_mul, pc.mask_ratio_min,
+                                        pc.label_drop_prob)
+            if not self.rt.all_finite(loss):
+                raise FloatingPointError(f"MAR pretraining loss is not finite at step {step} (on some rank): "
+                                         "lower pretrain.lr or check the data; the last checkpoint is intact "
+                                         "(resume with --resume auto)")
+            self.engine.backward(loss)
         self.engine.step()
         decay = E.ema_decay(pc.ema_decay, step)
         self.ema.update(decay)

@@ -1,0 +1,131 @@
+"""The class-conditional (MAR) job's pieces: its config tree, class labels from foreign webdataset shards, MAR's
+training step, the export round trip and seeded generation."""
+import io
+import math
+import tarfile
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from fastardiff_ds.config.c2i import C2I_PRESETS, resolve_c2i_config
+from fastardiff_ds.config.checks import ConfigError
+from fastardiff_ds.data.loader import build_loader
+from fastardiff_ds.models.mar import MAR
+from fastardiff_ds.models.mar_checkpoint import load_mar_export, save_mar_export
+from fastardiff_ds.training.mar_pretrain import MARTrainNet, mask_rate
+
+SMALL = ["model.enc_dim=32", "model.dec_dim=32", "model.diffloss_w=32", "model.diffloss_d=1", "model.enc_depth=1",
+         "model.dec_depth=1", "sampling.num_iter=4", "sampling.num_sampling_steps=5"]
+
+
+def test_presets_resolve_and_bad_values_name_the_key():
+    for name in C2I_PRESETS:
+        cfg = resolve_c2i_config(name)
+        assert cfg.data.conditioning == "class" and cfg.data.num_classes == cfg.model.class_num
+        assert cfg.data.resolution == cfg.model.img_size
+    assert resolve_c2i_config("mar-large").model.enc_dim == 1024
+    for override, words in (("model.enc_heads=3", "enc_heads"), ("pretrain.mask_ratio_min=0", "mask_ratio_min"),
+                            ("model.vae_embed_dim=16", "vae_embed_dim"), ("sampling.cfg_schedule=cosine", "linear"),
+                            ("model.enc_dim_=3", "model.enc_dim"), ("image.tokenizer=kl16", "vae_stride")):
+        with pytest.raises(ConfigError, match=words):
+            resolve_c2i_config("mar-tiny", overrides=[override])
+    with pytest.raises(ConfigError, match="mar-tiny"):
+        resolve_c2i_config("mar-tinyy")
+
+
+def _webdataset_shard(path, samples):
+    """A shard the way webdataset's TarWriter writes ImageNet: KEY.cls (ASCII int) + KEY.jpg, members sorted by
+    extension, no caption, no json."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext in sorted(members):
+                data = members[ext]
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), time.time(), 0o444, "bigdata", "bigdata"
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _jpg(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_class_labels_from_webdataset_cls_members(tmp_path):
+    samples = [(f"n01440764_{i:04d}", {"jpg": _jpg((10 * i, 0, 0)), "cls": str(i % 5).encode("ascii")})
+               for i in range(12)]
+    samples[2:2] = [("bad_text", {"jpg": _jpg((0, 0, 0)), "cls": b"tench"}),
+                    ("too_big", {"jpg": _jpg((0, 0, 0)), "cls": b"7"}), ("no_label", {"jpg": _jpg((0, 0, 0))})]
+    _webdataset_shard(tmp_path / "imagenet-000000.tar", samples)
+    cfg = resolve_c2i_config("mar-tiny", overrides=[f"data.shards={tmp_path}", "data.batch_size=4",
+                                                    "data.num_workers=0", "data.shuffle_buffer=0",
+                                                    "data.shuffle_shards=false", "model.class_num=5",
+                                                    "data.samples_per_epoch=12"])
+    loader = build_loader(cfg.data, rank=0, world_size=1, tokenize=lambda s: [], pad_id=0)
+    batches = list(loader)
+    labels = torch.cat([b["labels"] for b in batches]).tolist()
+    assert labels == [i % 5 for i in range(12)]
+    assert batches[0]["pixels"].shape == (4, 3, 32, 32)
+    skipped = loader.skipped
+    assert {"bad_cls", "label_out_of_range", "missing_label"} <= set(skipped), skipped
+
+
+def test_mask_rate_is_the_truncated_normal():
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([mask_rate(g, 0.7) for _ in range(4000)])
+    ref = stats.truncnorm((0.7 - 1.0) / 0.25, 0, loc=1.0, scale=0.25)
+    assert draws.min() >= 0.7 and draws.max() <= 1.0
+    assert abs(draws.mean().item() - ref.mean()) < 4 * ref.std() / math.sqrt(4000)
+    assert abs(draws.std().item() - ref.std()) < 0.01
+    assert mask_rate(g, 1.0) == 1.0
+
+
+def test_training_step_trains_only_masked_tokens_and_the_net():
+    cfg = resolve_c2i_config("mar-tiny", overrides=SMALL)
+    torch.manual_seed(0)
+    net = MARTrainNet(MAR(cfg.model))
+    net.mar.init_weights()
+    tokens, labels = torch.randn(3, cfg.model.seq_len, cfg.model.token_dim), torch.tensor([0, 5, 39])
+    g = torch.Generator().manual_seed(1)
+    loss, metrics = net.loss(tokens, labels, g, 2, 0.7, 0.1)
+    loss.backward()
+    assert math.isfinite(loss.item()) and 0.7 <= metrics["mar/mask_rate"] <= 1.0
+    for name, p in net.named_parameters():
+        if name not in ("mar.fake_latent",):  # the unconditional row: only when a label is dropped
+            assert p.grad is not None, name
+    again, _ = net.loss(tokens, labels, torch.Generator().manual_seed(1), 2, 0.7, 0.1)
+    assert again.item() == pytest.approx(loss.item(), rel=1e-6)  # every draw from the generator
+
+
+def test_export_round_trip_and_seeded_generation(tmp_path):
+    from fastardiff_ds.inference_c2i import MARPipeline
+
+    cfg = resolve_c2i_config("mar-tiny", overrides=SMALL)
+    torch.manual_seed(0)
+    model = MAR(cfg.model)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_mar_export(tmp_path / "ck", cfg, model.state_dict(), meta={"stage": "test"})
+    loaded, cfg2 = load_mar_export(tmp_path / "ck")
+    assert cfg2.model == cfg.model
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    pipe = MARPipeline.from_pretrained(tmp_path / "ck")
+    a = pipe.generate_tokens([1, 2], seed=3)
+    assert torch.equal(a, pipe.generate_tokens([1, 2], seed=3))
+    assert not torch.equal(a, pipe.generate_tokens([1, 2], seed=4))
+    assert not torch.equal(a, pipe.generate_tokens([1, 3], seed=3))
+    guided = pipe.generate_tokens([1, 2], seed=3, cfg=2.0)
+    assert guided.shape == a.shape and not torch.equal(guided, a)
+    images = pipe.generate([0, 39], seed=0)
+    assert [im.size for im in images] == [(32, 32)] * 2
+    with pytest.raises(ValueError, match="class_num"):
+        pipe.generate_tokens([40], seed=0)
+    with pytest.raises(FileNotFoundError, match="checkpoint-last.pth"):
+        load_mar_export(tmp_path)
