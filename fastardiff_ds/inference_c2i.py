@@ -31,20 +31,58 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in x]
 
 
+MAR_MODES = ("baseline", "dmd")
+
+
+def load_student(folder: Path, model: MAR):
+    """(few-step student `DiffLossFlow`, its steps, its first time) from a launcher/train_c2i.py export."""
+    import copy
+    import json
+
+    from safetensors.torch import load_file
+
+    from .sampling.diffloss_flow import DiffLossFlow
+
+    path = folder / "student_head.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no student_head.safetensors, so no --mode dmd: distil one with "
+                                "launcher/train_c2i.py (its run_dir/export), or use --mode baseline")
+    net = copy.deepcopy(model.diffloss.net)
+    net.load_state_dict(load_file(str(path)))
+    meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+    return DiffLossFlow(net).eval(), int(meta.get("student_steps", 4)), float(meta.get("student_s_min", 0.05))
+
+
 class MARPipeline:
-    def __init__(self, model: MAR, cfg: C2IConfig, tokenizer, device: str = "cpu"):
+    def __init__(self, model: MAR, cfg: C2IConfig, tokenizer, device: str = "cpu", student=None,
+                 student_steps: int = 4, student_s_min: float = 0.05):
         self.model, self.cfg, self.tokenizer = model.to(device).eval(), cfg, tokenizer
         self.device = torch.device(device)
+        self.student, self.student_steps = (student.to(device) if student is not None else None), student_steps
+        self.student_s_min = student_s_min
         self._procs: dict[str, SpacedCosine] = {}
+
+    @property
+    def mode(self) -> str:
+        return "baseline" if self.student is None else "dmd"
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", vae_path: str | None = None,
-                        weights: str = "model_ema", heads: int | None = None) -> MARPipeline:
+                        weights: str = "model_ema", heads: int | None = None, mode: str = "baseline") -> MARPipeline:
         """Our export folder (its config.json says everything), or an official checkpoint-last.pth (sizes from its
-        weights and args; sampling defaults of engine_mar.py; `vae_path` = kl16.ckpt)."""
+        weights and args; sampling defaults of engine_mar.py; `vae_path` = kl16.ckpt). mode "dmd": the few-step
+        student of a launcher/train_c2i.py export in place of the DiffLoss sampler."""
+        if mode not in MAR_MODES:
+            raise ValueError(f"mode={mode!r}: a MAR checkpoint runs {MAR_MODES}")
         path = Path(path)
         if path.is_dir():
             model, cfg = load_mar_export(path)
+            if mode == "dmd":
+                student, steps, s_min = load_student(path, model)
+                return cls(model, cfg, build_c2i_tokenizer(cfg, device), device, student, steps, s_min)
+        elif mode == "dmd":
+            raise ValueError(f"{path}: an official checkpoint has no distilled student; --mode dmd needs a "
+                             "launcher/train_c2i.py export folder")
         else:
             model, steps = load_mar(path, weights, heads)
             cfg = resolve_c2i_config("mar-large", overrides=[f"image.vae_path={vae_path or ''}"])
@@ -72,6 +110,9 @@ class MARPipeline:
 
         def noise(shape):
             return torch.randn(shape, generator=g).to(self.device)
+        if self.student is not None:  # guidance is built into the student
+            return mar_generate(self.model, labels, orders, None, noise, num_iter=s.num_iter, student=self.student,
+                                student_steps=self.student_steps, s_min=self.student_s_min)
         return mar_generate(self.model, labels, orders, self.process(str(s.num_sampling_steps)), noise,
                             num_iter=s.num_iter, cfg=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature)
 
@@ -81,5 +122,5 @@ class MARPipeline:
 
 
 def generate_images(checkpoint: str | Path, labels: list[int], seed: int = 0, device: str = "cpu",
-                    **overrides) -> list[Image.Image]:
-    return MARPipeline.from_pretrained(checkpoint, device).generate(labels, seed, **overrides)
+                    mode: str = "baseline", **overrides) -> list[Image.Image]:
+    return MARPipeline.from_pretrained(checkpoint, device, mode=mode).generate(labels, seed, **overrides)

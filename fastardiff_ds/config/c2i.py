@@ -69,6 +69,43 @@ class MARPretrainConfig:
 
 
 @dataclass
+class MARDistillConfig:
+    """The MAR row's head distillation (launcher/train_c2i.py): the DiffLoss head -> a few-step student by DMD
+    (DMD2's two time-scale rule and backward simulation), on the frozen teacher MAR's conditions. The student and
+    the fake score start as the teacher's DiffLoss net read as a flow (sampling/diffloss_flow.py). Conditions come
+    from real images masked as at a uniform step of the cosine generation schedule (mask fraction cos(pi/2 u)).
+    `guidance`: the teacher's CFG scale in the real score, built into the student (sample it with cfg 1)."""
+
+    teacher: str = "assets/tiny_mar"  # a MAR export folder (launcher/pretrain_c2i.py's run_dir/checkpoint)
+    ds_config: str = "ds_configs/zero3.json"
+    steps: int = 300
+    student_steps: int = 4
+    guidance: float = 1.0
+    lr_student: float = 1e-4
+    lr_fake: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    gen_every: int = 5
+    t_min: float = 0.05  # also the student's first time (sampling/mar_loop.py student_grid)
+    t_max: float = 0.98
+    teacher_replicate: bool = True  # small teachers: a full copy per rank; False partitions it (ZeRO-3)
+    log_every: int = 10
+    save_every: int = 100
+    keep_last: int = 2
+    max_minutes: float = 0.0
+    preempt_grace_s: float = 30.0
+
+    def __post_init__(self):
+        if self.student_steps < 1 or self.gen_every < 1 or self.steps < 1:
+            raise ValueError(f"student_steps={self.student_steps}, gen_every={self.gen_every} (DMD2's two "
+                             f"time-scale ratio) and steps={self.steps} must be >= 1")
+        if not 0 < self.t_min <= self.t_max < 1:
+            raise ValueError(f"t_min={self.t_min}, t_max={self.t_max}: need 0 < t_min <= t_max < 1")
+        if self.guidance < 1 or self.lr_student <= 0 or self.lr_fake <= 0:
+            raise ValueError(f"guidance={self.guidance} must be >= 1, lr_student={self.lr_student} and lr_fake="
+                             f"{self.lr_fake} > 0")
+
+
+@dataclass
 class MARSamplingConfig:
     """MAR's generation (engine_mar.py flags): `num_iter` masked steps, DiffLoss `num_sampling_steps` respaced
     DDPM steps, CFG scale and schedule, temperature."""
@@ -107,6 +144,7 @@ class C2IConfig:
                                                                 seed=None, conditioning="class"))
     pretrain: MARPretrainConfig = field(default_factory=MARPretrainConfig)
     sampling: MARSamplingConfig = field(default_factory=MARSamplingConfig)
+    distill: MARDistillConfig = field(default_factory=MARDistillConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):

@@ -25,11 +25,37 @@ def random_orders(batch: int, seq_len: int, generator: torch.Generator | None = 
     return torch.stack([torch.randperm(seq_len, generator=generator, device=dev) for _ in range(batch)])
 
 
+def student_grid(steps: int, s_min: float, device=None) -> torch.Tensor:
+    """(steps,) start times of a few-step student's steps: s_min + (1 - s_min) j / steps. They start at s_min > 0,
+    not 0: the student is an eps-net read as a flow (sampling/diffloss_flow.py) and its data estimate at s -> 0
+    divides by sqrt(abar) -> 0 (s_min 0.05: abar 2.8e-3, as Stable Diffusion's last step, where DMD2 works)."""
+    return s_min + (1 - s_min) * torch.arange(steps, dtype=torch.float32, device=device) / steps
+
+
+def few_step_tokens(student, z: torch.Tensor, steps: int, noise: NoiseFn, s_min: float = 0.05) -> torch.Tensor:
+    """Token latents (N, C) from a few-step flow student (`DiffLossFlow` over a distilled DiffLoss net) on
+    conditions z (N, Z): x = (1 - s_0) noise; per step s_j of `student_grid`, x1 = x + (1 - s_j) v, re-noised to
+    s_{j+1} (the consistency sampler); the last x1 is the token. CFG is distilled into the student."""
+    C, n = student.channels, z.shape[0]
+    grid = student_grid(steps, s_min, z.device)
+    x = (1 - grid[0]) * noise((n, C)).to(z.device)
+    for j in range(steps):
+        s = grid[j].expand(n)
+        x1 = x + (1 - s)[:, None] * student(x, s, z)
+        if j + 1 < steps:
+            x = grid[j + 1] * x1 + (1 - grid[j + 1]) * noise((n, C)).to(z.device)
+    return x1
+
+
 @torch.no_grad()
 def mar_generate(model, labels: torch.Tensor | None, orders: torch.Tensor, proc: SpacedCosine, noise: NoiseFn,
                  num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
-                 temperature: float = 1.0) -> torch.Tensor:
-    """Token latents (B, L, C) of B images (labels (B,) or None: unconditional) in `num_iter` steps."""
+                 temperature: float = 1.0, student=None, student_steps: int = 4, s_min: float = 0.05) -> torch.Tensor:
+    """Token latents (B, L, C) of B images (labels (B,) or None: unconditional) in `num_iter` steps. With a
+    `student` (few-step head, CFG distilled in) the tokens of each step come from `few_step_tokens` and cfg must
+    be 1 (no unconditional rows are run)."""
+    if student is not None and cfg != 1.0:
+        raise ValueError(f"cfg={cfg}: a distilled student has its guidance built in; sample it with cfg=1")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule={cfg_schedule!r}: choose one of {CFG_SCHEDULES}")
     B, L = orders.shape
@@ -53,5 +79,8 @@ def mar_generate(model, labels: torch.Tensor | None, orders: torch.Tensor, proc:
         scale = 1 + (cfg - 1) * (L - mask_len) / L if cfg_schedule == "linear" else torch.tensor([cfg], device=dev)
         zs = z[torch.cat([pred, pred])] if guided else z[pred]
         tokens = tokens.clone()
-        tokens[pred] = sample_tokens(model.diffloss.net, zs, proc, noise, temperature, scale if guided else 1.0)
+        if student is not None:
+            tokens[pred] = few_step_tokens(student, zs, student_steps, noise, s_min)
+        else:
+            tokens[pred] = sample_tokens(model.diffloss.net, zs, proc, noise, temperature, scale if guided else 1.0)
     return tokens
