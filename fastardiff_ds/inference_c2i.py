@@ -111,6 +111,9 @@ class MARPipeline:
         def noise(shape):
             return torch.randn(shape, generator=g).to(self.device)
         if self.student is not None:  # guidance is built into the student
+            if float(overrides.get("cfg", 1.0)) != 1.0:
+                raise ValueError(f"cfg={overrides['cfg']}: the dmd student has its guidance built in (distill."
+                                 "guidance); sample it without sampling.cfg")
             return mar_generate(self.model, labels, orders, None, noise, num_iter=s.num_iter, student=self.student,
                                 student_steps=self.student_steps, s_min=self.student_s_min)
         return mar_generate(self.model, labels, orders, self.process(str(s.num_sampling_steps)), noise,
