@@ -1,7 +1,7 @@
 """Class-conditional (MAR) quality and speed: FID, class accuracy and seconds per image of a MAR checkpoint.
 
     python -m eval_suites.c2i_eval --ckpt runs/mar_tiny/checkpoint --per-class 25 --seed 0 --out R.json
-    python -m eval_suites.c2i_eval --ckpt runs/mar_tiny/checkpoint --mode dmd --student runs/mar_dmd/student ...
+    python -m eval_suites.c2i_eval --ckpt runs/mar_dmd/export --mode dmd --per-class 25 --seed 0 --out D.json
     python -m eval_suites.c2i_eval --ckpt pretrained_models/mar/mar_large/checkpoint-last.pth \
         --vae pretrained_models/vae/kl16.ckpt --features inception --inception-weights pt_inception-2015-12-05.pth \
         --ref-stats fid_stats/adm_in256_stats.npz --per-class 50 --out fid50k.json sampling.cfg=3.0 sampling.num_iter=64
@@ -58,25 +58,11 @@ def shapes_reference(folder: Path, n: int, resolution: int) -> list[Path]:
     return paths
 
 
-def sampling_overrides(items: list[str]) -> dict:
-    from fastardiff_ds.config.c2i import MARSamplingConfig
-
-    fields = {f.name: f.type for f in dataclasses.fields(MARSamplingConfig)}
-    out = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        name = key.removeprefix("sampling.")
-        if not key.startswith("sampling.") or name not in fields or not raw:
-            raise SystemExit(f"error: override {item!r}: expected sampling.KEY=VALUE, KEY in {sorted(fields)}")
-        out[name] = raw if name in ("num_sampling_steps", "cfg_schedule") else (
-            int(raw) if name in ("num_iter", "batch_size") else float(raw))
-    return out
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="MAR export folder or official checkpoint-last.pth")
     p.add_argument("--vae", default=None, help="kl16.ckpt (official checkpoints)")
+    p.add_argument("--mode", default="baseline", choices=("baseline", "dmd"), help="dmd: the export's student")
     p.add_argument("--per-class", type=int, default=25)
     p.add_argument("--classes", type=int, default=None, help="first N classes (default: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -94,10 +80,13 @@ def main(argv=None) -> dict:
         torch.set_num_threads(a.threads)
     from eval_suites.fid_features import build_feature_net, extract_features
     from eval_suites.frechet import feature_stats, frechet_distance, load_stats
-    from fastardiff_ds.inference_c2i import MARPipeline
+    from fastardiff_ds.inference_c2i import MARPipeline, parse_sampling_overrides
 
-    overrides = sampling_overrides(a.overrides)
-    pipe = MARPipeline.from_pretrained(a.ckpt, vae_path=a.vae)
+    try:
+        overrides = parse_sampling_overrides(a.overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    pipe = MARPipeline.from_pretrained(a.ckpt, vae_path=a.vae, mode=a.mode)
     res = pipe.model.cfg.img_size
     classes = list(range(a.classes or pipe.model.cfg.class_num))
     out = Path(a.out)
@@ -122,7 +111,7 @@ def main(argv=None) -> dict:
         ref_paths = shapes_reference(out.with_suffix("").parent / f"c2i_ref_{a.ref_n}_{res}", a.ref_n, res)
         ref = feature_stats(extract_features(ref_paths, net, res, desc="reference features"))
         ref_name = f"shapes single_object x {a.ref_n} (seed {REF_SEED})"
-    result = {"ckpt": str(a.ckpt), "n": len(paths), "classes": len(classes), "seed": a.seed,
+    result = {"ckpt": str(a.ckpt), "mode": a.mode, "n": len(paths), "classes": len(classes), "seed": a.seed,
               "sampling": dataclasses.asdict(dataclasses.replace(pipe.cfg.sampling, **overrides)),
               "features": a.features, "reference": ref_name, "fid": frechet_distance(gen, ref),
               "seconds_per_image": seconds / len(paths)}

@@ -34,6 +34,27 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 MAR_MODES = ("baseline", "dmd")
 
 
+def parse_sampling_overrides(items: list[str]) -> dict:
+    """`sampling.KEY=VALUE` strings -> {KEY: value} for MARPipeline.generate (types of MARSamplingConfig);
+    anything else is a ValueError naming the item and the valid keys."""
+    from .config.c2i import MARSamplingConfig
+
+    kinds = {f.name: type(getattr(MARSamplingConfig(), f.name)) for f in dataclasses.fields(MARSamplingConfig)}
+    out = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        name = key.removeprefix("sampling.")
+        if not key.startswith("sampling.") or name not in kinds or not raw:
+            raise ValueError(f"override {item!r}: a class-conditional checkpoint takes sampling.KEY=VALUE with KEY in "
+                             f"{sorted(kinds)}")
+        try:
+            out[name] = kinds[name](raw)
+        except ValueError:
+            raise ValueError(f"override {item!r}: {name} takes a {kinds[name].__name__}") from None
+    MARSamplingConfig(**{**dataclasses.asdict(MARSamplingConfig()), **out})  # range checks, naming the key
+    return out
+
+
 def load_student(folder: Path, model: MAR):
     """(few-step student `DiffLossFlow`, its steps, its first time) from a launcher/train_c2i.py export."""
     import copy
@@ -60,7 +81,7 @@ class MARPipeline:
         self.device = torch.device(device)
         self.student, self.student_steps = (student.to(device) if student is not None else None), student_steps
         self.student_s_min = student_s_min
-        self._procs: dict[str, SpacedCosine] = {}
+        self._procs: dict[tuple, SpacedCosine] = {}
 
     @property
     def mode(self) -> str:
@@ -91,10 +112,10 @@ class MARPipeline:
             cfg.sampling.num_sampling_steps = steps
         return cls(model, cfg, build_c2i_tokenizer(cfg, device), device)
 
-    def process(self, steps: str) -> SpacedCosine:
-        if steps not in self._procs:
-            self._procs[steps] = SpacedCosine.make(steps)
-        return self._procs[steps]
+    def process(self, steps: str, start: int = 999) -> SpacedCosine:
+        if (steps, start) not in self._procs:
+            self._procs[steps, start] = SpacedCosine.make(steps, start=None if start == 999 else start)
+        return self._procs[steps, start]
 
     @torch.no_grad()
     def generate_tokens(self, labels: list[int] | torch.Tensor | None, seed: int, batch: int | None = None,
@@ -116,7 +137,7 @@ class MARPipeline:
                                  "guidance); sample it without sampling.cfg")
             return mar_generate(self.model, labels, orders, None, noise, num_iter=s.num_iter, student=self.student,
                                 student_steps=self.student_steps, s_min=self.student_s_min)
-        return mar_generate(self.model, labels, orders, self.process(str(s.num_sampling_steps)), noise,
+        return mar_generate(self.model, labels, orders, self.process(str(s.num_sampling_steps), s.ddpm_start), noise,
                             num_iter=s.num_iter, cfg=s.cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature)
 
     @torch.no_grad()

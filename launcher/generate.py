@@ -70,25 +70,18 @@ def parse(argv=None):
 
 def generate_classes(a) -> None:
     """--class-label: a MAR checkpoint, one batch of --num-images per class."""
-    from fastardiff_ds.config.c2i import MARSamplingConfig
-    from fastardiff_ds.inference_c2i import MARPipeline
+    from fastardiff_ds.inference_c2i import MARPipeline, parse_sampling_overrides
 
-    if a.mode != "baseline":
+    if a.mode not in ("baseline", "dmd"):
         sys.exit(f"error: --mode {a.mode} is not built for class-conditional (MAR) checkpoints yet; use --mode "
-                 "baseline (MAR's own sampler)")
-    keys = {f.name for f in dataclasses.fields(MARSamplingConfig)}
-    overrides = {}
-    for item in a.overrides:
-        key, _, raw = item.partition("=")
-        name = key.removeprefix("sampling.")
-        if not key.startswith("sampling.") or name not in keys or not raw:
-            sys.exit(f"error: override {item!r}: a class-conditional checkpoint takes sampling.KEY=VALUE with KEY in "
-                     f"{sorted(keys)}")
-        overrides[name] = raw if name in ("num_sampling_steps", "cfg_schedule") else (
-            int(raw) if name in ("num_iter", "batch_size") else float(raw))
+                 "baseline (MAR's own sampler) or dmd (a launcher/train_c2i.py export's few-step student)")
+    try:
+        overrides = parse_sampling_overrides(a.overrides)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     vae = next((o.split("=", 1)[1] for o in vae_overrides(a.vae)), None)
     try:
-        pipe = MARPipeline.from_pretrained(a.ckpt, vae_path=vae, weights=a.weights)
+        pipe = MARPipeline.from_pretrained(a.ckpt, vae_path=vae, weights=a.weights, mode=a.mode)
         images, t0 = [], time.time()
         for i, label in enumerate(tqdm(a.class_label, desc="generate (mar)", unit="class")):
             images += pipe.generate([label] * a.num_images, seed=a.seed + i, **overrides)
@@ -101,7 +94,7 @@ def generate_classes(a) -> None:
         img.save(out / f"{idx:05d}_class{label}.png")
     make_grid(images, names, cols=a.num_images, scale=max(1, 128 // images[0].width), caption_height=12).save(
         out / "grid.png")
-    stats = {"mode": "baseline", "family": "mar", "images": len(images), "seconds_per_image": seconds / len(images),
+    stats = {"mode": a.mode, "family": "mar", "images": len(images), "seconds_per_image": seconds / len(images),
              "sampling": dataclasses.asdict(dataclasses.replace(pipe.cfg.sampling, **overrides))}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))

@@ -129,3 +129,56 @@ def test_export_round_trip_and_seeded_generation(tmp_path):
         pipe.generate_tokens([40], seed=0)
     with pytest.raises(FileNotFoundError, match="checkpoint-last.pth"):
         load_mar_export(tmp_path)
+
+
+def test_ddpm_start_respaces_below_the_clipped_tail():
+    from fastardiff_ds.sampling.diffloss import SpacedCosine
+
+    full, low = SpacedCosine.make("50"), SpacedCosine.make("50", start=990)
+    assert full.timestep_map[-1] == 999 and low.timestep_map[-1] == 990 and low.steps == 50
+    assert 1 / float(full.sqrt_recip_abar[-1]) ** 2 < 1e-8 < 1e-4 < 1 / float(low.sqrt_recip_abar[-1]) ** 2
+    assert torch.equal(SpacedCosine.make("50", start=999).timestep_map, full.timestep_map)
+    with pytest.raises(ValueError, match="start"):
+        SpacedCosine.make("50", start=1000)
+
+
+def test_sampling_overrides_are_typed_and_checked():
+    from fastardiff_ds.inference_c2i import parse_sampling_overrides
+
+    assert parse_sampling_overrides(["sampling.cfg=3", "sampling.num_iter=8", "sampling.num_sampling_steps=25"]) == \
+        {"cfg": 3.0, "num_iter": 8, "num_sampling_steps": "25"}
+    for bad, words in ((["sampling.cfg=x"], "float"), (["sampling.ddpm_start=2000"], "ddpm_start"),
+                       (["inference.cfg_scale=3"], "sampling.KEY")):
+        with pytest.raises(ValueError, match=words):
+            parse_sampling_overrides(bad)
+
+
+def test_distillation_masks_and_student_sampler():
+    from fastardiff_ds.sampling.diffloss_flow import DiffLossFlow
+    from fastardiff_ds.sampling.mar_loop import few_step_tokens, student_grid
+    from fastardiff_ds.models.flow_head import SimpleMLPAdaLN
+    from fastardiff_ds.training.mar_distill import schedule_mask, student_samples
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # one masked count per batch (MAR's encoder drops the same number per row), >= 1
+        m = schedule_mask(5, 64, g)
+        counts = m.sum(1)
+        assert (counts == counts[0]).all() and 1 <= counts[0] <= 64
+    assert torch.allclose(student_grid(4, 0.05), torch.tensor([0.05, 0.2875, 0.525, 0.7625]))
+    torch.manual_seed(0)
+    net = SimpleMLPAdaLN(6, 8, 16, 1, mlp_ratio=1.0, out_dim=12)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    head = DiffLossFlow(net)
+    z, noise = torch.randn(10, 8), torch.randn(10, 6)
+    grid = student_grid(3, 0.05)
+    x = student_samples(lambda a, s, c: head(a, s, c), z, noise, grid, torch.Generator().manual_seed(1), k=2)
+    x.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())  # the trained step's graph reaches the net
+    g2 = torch.Generator().manual_seed(1)
+    draws = iter([noise, torch.randn(10, 6, generator=g2), torch.randn(10, 6, generator=g2)])
+    with torch.no_grad():  # the sampler and the trainer's backward simulation walk the same chain
+        y = few_step_tokens(head, z, 3, lambda shape: next(draws), s_min=0.05)
+        ref = student_samples(lambda a, s, c: head(a, s, c), z, noise, grid, torch.Generator().manual_seed(1), k=2)
+    assert torch.allclose(y, ref, atol=1e-6), (y - ref).abs().max()
