@@ -29,7 +29,7 @@ TOP_DIRS = ("fastardiff_ds", "launcher", "scripts", "tests", "eval_suites", "dat
             "assets", "docs")
 PKG_DIRS = ("config", "data", "engines", "losses", "models", "sampling", "schedules", "training", "analysis",
             "scalebench")
-SECTIONS = ("model", "data", "pretrain", "wandb", "inference", "train")
+SECTIONS = ("model", "data", "pretrain", "wandb", "inference", "train", "distill", "sampling", "image")
 FILE_SUFFIXES = ("safetensors", "json", "jsonl", "py", "pt", "pth", "png", "yaml", "txt", "tar", "md", "parquet")
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -145,18 +145,20 @@ def check_paths(root: Path, path: Path, text: str) -> list[str]:
 
 
 def schema_keys() -> set[str]:
-    """Every leaf key of the config tree and every section above one."""
+    """Every leaf key of the config trees (text-to-image `Config`, class-conditional `C2IConfig`) and every
+    section above one."""
     sys.path.insert(0, str(ROOT))
     from fastardiff_ds.config import Config, dotted_keys
+    from fastardiff_ds.config.c2i import C2IConfig
 
-    keys = set(dotted_keys(Config()))
+    keys = set(dotted_keys(Config())) | set(dotted_keys(C2IConfig()))
     return keys | {k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1)}
 
 
 def check_keys(root: Path, path: Path, text: str, keys: set[str]) -> list[str]:
     rel = path.relative_to(root)
     found = KEY_ASSIGN.findall(text) + KEY_QUOTED.findall(text)
-    return [f"{rel}: config key {k} is not in the schema (python launcher/train_t2i.py --print-config lists them)"
+    return [f"{rel}: config key {k} is not in the schema (python launcher/train_t2i.py --print-config or launcher/train_c2i.py --print-config lists them)"
             for k in dict.fromkeys(found) if k.split(".")[-1] not in FILE_SUFFIXES and k not in keys]
 
 

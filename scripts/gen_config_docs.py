@@ -179,6 +179,31 @@ def render() -> str:
     for k in keys:
         cells = [value(vals[k]) if vals[k] != base[k] else "" for vals in presets.values()]
         parts.append(f"| `{k}` | " + " | ".join(cell(c) for c in cells) + " |\n")
+    return "".join(parts) + render_c2i()
+
+
+def render_c2i() -> str:
+    """The class-conditional (MAR) tree (config/c2i.py): its own root, read by launcher/pretrain_c2i.py,
+    launcher/train_c2i.py and the MAR pipeline; ranges are checked by each section's own rules."""
+    from fastardiff_ds.config.c2i import C2I_PRESETS, C2IConfig, resolve_c2i_config
+
+    parts = ["\n# Class-conditional (MAR) config\n\n", "The MAR row's jobs (`launcher/pretrain_c2i.py`, "
+             "`launcher/train_c2i.py`) resolve their own tree the same way (`--preset mar-tiny` is the default; "
+             "`--print-config` prints it). Ranges and cross-key rules are checked by each section when it is "
+             "resolved, each error naming the key.\n"]
+    for name, cls, rows in section_rows(C2IConfig(), "", {}):
+        doc = own_doc(cls).split("\n\n")[0].replace("\n", " ")
+        parts += [f"\n## c2i `{name}`\n", f"{doc}\n" if doc else "", "\n| key | type | default | range | note |",
+                  "\n|---|---|---|---|---|\n", "\n".join(rows), "\n"]
+    base = leaves(C2IConfig())
+    presets = {p: leaves(resolve_c2i_config(p)) for p in C2I_PRESETS}
+    keys = [k for k in base if k != "preset" and any(vals[k] != base[k] for vals in presets.values())]
+    parts += ["\n## c2i presets\n\n", "What each class-conditional preset sets to a value other than the default "
+              "above (derived data keys show their derived value).\n\n",
+              "| key | " + " | ".join(f"`{p}`" for p in presets) + " |\n", "|---|" + "---|" * len(presets) + "\n"]
+    for k in keys:
+        cells = [value(vals[k]) if vals[k] != base[k] else "" for vals in presets.values()]
+        parts.append(f"| `{k}` | " + " | ".join(cell(c) for c in cells) + " |\n")
     return "".join(parts)
 
 

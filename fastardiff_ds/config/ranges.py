@@ -62,7 +62,7 @@ RANGES: dict[str, Range] = {
     # data
     "data.resolution": ONE_UP, "data.batch_size": ONE_UP, "data.num_workers": NONNEG,
     "data.shuffle_buffer": NONNEG, "data.samples_per_epoch": ONE_UP, "data.seed": NONNEG,
-    "data.drop_text_prob": UNIT, "data.max_text_len": ONE_UP, "data.min_image_size": ONE_UP,
+    "data.drop_text_prob": UNIT, "data.max_text_len": ONE_UP, "data.min_image_size": ONE_UP, "data.num_classes": ONE_UP,
     "data.prefetch_factor": ONE_UP,
     # pretrain
     "pretrain.steps": ONE_UP, "pretrain.lr": POSITIVE, "pretrain.betas": BETA, "pretrain.weight_decay": NONNEG,
