@@ -7,6 +7,8 @@ import time
 
 import pytest
 import torch
+from pathlib import Path
+
 from PIL import Image
 
 from fastardiff_ds.config.c2i import C2I_PRESETS, resolve_c2i_config
@@ -182,3 +184,43 @@ def test_distillation_masks_and_student_sampler():
         y = few_step_tokens(head, z, 3, lambda shape: next(draws), s_min=0.05)
         ref = student_samples(lambda a, s, c: head(a, s, c), z, noise, grid, torch.Generator().manual_seed(1), k=2)
     assert torch.allclose(y, ref, atol=1e-6), (y - ref).abs().max()
+
+
+def test_imagefolder_tree_to_shards_labels_as_torchvision(tmp_path):
+    """Labels agree with torchvision's own ImageFolder on the same tree; a broken image is skipped and counted."""
+    import json as _json
+
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from data_pipelines.imagefolder_to_shards import convert
+
+    root = tmp_path / "train"
+    for k, name in enumerate(("n02085620", "n01440764", "b_other")):
+        (root / name / "sub").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 36), (40 * k, 20 * i, 0)).save(root / name / f"img{i}.JPEG")
+        Image.new("RGB", (40, 40), (0, 0, 9 * k)).save(root / name / "sub" / "deep.png")
+        (root / name / "notes.txt").write_text("not an image")
+    (root / "n01440764" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    summary = convert(str(root), str(tmp_path / "wds"), shard_size=5, seed=1)
+    assert (summary["classes"], summary["samples"], summary["skipped_unreadable"]) == (3, 12, 1)
+    ref = ImageFolder(str(root), is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS) and "broken" not in p)
+    want = {str(Path(p).relative_to(root)): c for p, c in ref.samples}
+    assert _json.loads((tmp_path / "wds" / "classes.json").read_text()) == ref.classes
+    cfg = resolve_c2i_config("mar-tiny", overrides=[f"data.shards={tmp_path / 'wds'}", "data.batch_size=1",
+                                                    "data.num_workers=0", "data.shuffle_buffer=0",
+                                                    "model.class_num=3"])
+    got = {}
+    for shard in sorted((tmp_path / "wds").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    meta = _json.loads(tar.extractfile(m).read())
+                    cls = int(tar.extractfile(m.name[:-5] + ".cls").read())
+                    assert cls == meta["label"]
+                    got[meta["path"]] = cls
+    assert got == want
+    loader = build_loader(cfg.data, rank=0, world_size=1, tokenize=lambda s: [], pad_id=0)
+    labels = sorted(int(b["labels"]) for b in loader)
+    assert labels == sorted(want.values())
