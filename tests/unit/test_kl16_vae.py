@@ -74,3 +74,17 @@ def test_bad_files_are_named(tmp_path, ref):
     torch.save({"model": state}, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="do not fit"):
         load_kl16(tmp_path / "bad.ckpt")
+
+
+def test_kl16_tokenizer_patchifies_mar_tokens(ref, ckpt):
+    from fastardiff_ds.models.kl16_vae import KL16Tokenizer
+
+    vae = load_kl16(ckpt)
+    for patch in (1, 2):
+        tok = KL16Tokenizer(vae, patch_size=patch)
+        t = tok.encode(ref["x"], sample=False)
+        assert t.shape == (2, (16 // patch) ** 2, 8 * patch**2)
+        with torch.no_grad():
+            img = tok.decode(t)
+            want = vae.images(vae.tokens(ref["x"], sample=False)).clamp(-1, 1)
+        assert _rel(img, want) < 1e-5
