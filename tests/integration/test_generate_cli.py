@@ -40,3 +40,34 @@ def test_errors_name_the_fix(tmp_path):
     assert missing.returncode != 0 and "--ckpt" in missing.stderr
     too_long = _generate(tmp_path / "z", "--random-init", "--prompt", "a red circle " * 40, *FAST)
     assert too_long.returncode != 0 and "max_length" in too_long.stderr
+
+
+def test_class_labels_with_a_mar_export(tmp_path):
+    """--class-label on a MAR export: one PNG per image, seeded by class, errors for a bad label / key / mode."""
+    import torch
+
+    from fastardiff_ds.config.c2i import resolve_c2i_config
+    from fastardiff_ds.models.mar import MAR
+    from fastardiff_ds.models.mar_checkpoint import save_mar_export
+
+    cfg = resolve_c2i_config("mar-tiny", overrides=["model.enc_dim=32", "model.dec_dim=32", "model.enc_depth=1",
+                                                    "model.dec_depth=1", "model.diffloss_w=32", "model.diffloss_d=1"])
+    torch.manual_seed(0)
+    mar = MAR(cfg.model)
+    mar.init_weights()
+    save_mar_export(tmp_path / "ck", cfg, mar.state_dict())
+    args = ["--ckpt", str(tmp_path / "ck"), "--class-label", "3", "--class-label", "39", "--num-images", "2",
+            "sampling.num_iter=2", "sampling.num_sampling_steps=3", "--threads", "1"]
+    a, b = _generate(tmp_path / "a", *args), _generate(tmp_path / "b", *args)
+    assert a.returncode == 0, a.stderr[-3000:]
+    pngs = sorted((tmp_path / "a").glob("0*_class*.png"))
+    assert [p.name.split("_")[1] for p in pngs] == ["class3.png", "class3.png", "class39.png", "class39.png"]
+    assert all(p.read_bytes() == (tmp_path / "b" / p.name).read_bytes() for p in pngs)
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    assert stats["family"] == "mar" and stats["sampling"]["num_iter"] == 2
+    bad = _generate(tmp_path / "c", "--ckpt", str(tmp_path / "ck"), "--class-label", "40")
+    assert bad.returncode != 0 and "class_num" in bad.stderr
+    key = _generate(tmp_path / "d", "--ckpt", str(tmp_path / "ck"), "--class-label", "1", "inference.cfg_scale=2")
+    assert key.returncode != 0 and "sampling.KEY" in key.stderr
+    mode = _generate(tmp_path / "e", "--ckpt", str(tmp_path / "ck"), "--class-label", "1", "--mode", "dmd")
+    assert mode.returncode != 0 and "student_head" in mode.stderr
