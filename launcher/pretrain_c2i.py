@@ -5,6 +5,7 @@
     python launcher/pretrain_c2i.py --preset mar-large data.shards=/data/imagenet/{00000..01023}.tar \
         image.vae_path=pretrained_models/vae/kl16.ckpt                           # ImageNet 256 px, KL-16 tokens
     ... --resume auto                                                            # continue (the default)
+    python launcher/pretrain_c2i.py pretrain.init=assets/tiny_mar run_dir=runs/mar_tiny2   # continue the bundled one
 
 Data: webdataset shards with a class label per sample (`KEY.cls`, or an integer "label" in `KEY.json`). Without
 shards at `data.shards`, the mar-tiny preset writes the class-labelled shapes set there first (one object an image,
@@ -98,8 +99,11 @@ def main(argv=None):
             save_config(cfg, Path(cfg.run_dir) / "config.json")
         rt.barrier()
         tokenizer = build_c2i_tokenizer(cfg, rt.device)
-        trainer = mar_pretrain_trainer(rt, cfg, tokenizer, lambda run_id: make_logger(
-            cfg.wandb, cfg.run_dir, {"preset": cfg.preset, **to_dict(cfg)}, rt.rank, run_id, name="mar-pretrain"))
+        try:
+            trainer = mar_pretrain_trainer(rt, cfg, tokenizer, lambda run_id: make_logger(
+                cfg.wandb, cfg.run_dir, {"preset": cfg.preset, **to_dict(cfg)}, rt.rank, run_id, name="mar-pretrain"))
+        except (FileNotFoundError, ValueError) as e:  # pretrain.init: missing or another architecture
+            raise SystemExit(f"error: {e}") from None
         loader = build_loader(cfg.data, rank=rt.rank, world_size=rt.world_size, pad_id=0, tokenize=lambda s: [])
         resumed = trainer.resume("none" if args.resume == "never" else args.resume, loader)
         if rt.is_rank0:

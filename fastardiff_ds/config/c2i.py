@@ -38,6 +38,7 @@ class MARPretrainConfig:
     diffusion_batch_mul 4. The tiny preset shortens the EMA and warmup to its step count."""
 
     ds_config: str = "ds_configs/zero3.json"
+    init: str = ""  # a MAR export folder to start from (its EMA weights, a fresh optimizer), e.g. assets/tiny_mar
     steps: int = 3000
     lr: float = 8e-4
     betas: tuple[float, float] = (0.9, 0.95)

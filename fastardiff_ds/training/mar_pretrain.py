@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -87,6 +88,22 @@ def build_mar_train_net(cfg: C2IConfig) -> Dispatch:
     return Dispatch(MARTrainNet(MAR(cfg.model)))
 
 
+def init_net(cfg: C2IConfig) -> Dispatch:
+    """The training net holding pretrain.init's weights (a MAR export of the same model), whole (DeepSpeed
+    partitions it at engine creation)."""
+    from ..models.mar_checkpoint import load_mar_export
+    from ..models.text_tokenizer import resolve_asset
+
+    model, theirs = load_mar_export(resolve_asset(cfg.pretrain.init))
+    if theirs.model != cfg.model:
+        diff = [f.name for f in dataclasses.fields(cfg.model) if getattr(theirs.model, f.name) != getattr(cfg.model, f.name)]
+        raise ValueError(f"pretrain.init={cfg.pretrain.init!r} is another MAR than this run's model (differs in "
+                         f"model.{', model.'.join(diff)}): set those keys to the checkpoint's")
+    net = build_mar_train_net(cfg)
+    net.inner.mar.load_state_dict(model.state_dict())
+    return net
+
+
 class MARPretrainTask:
     """MAR's networks and step function for `training.loop.Trainer` (the `Task` protocol)."""
 
@@ -105,7 +122,7 @@ class MARPretrainTask:
             net = build_mar_train_net(cfg)
             rt.rerun_init_partitioned(net.inner.mar, lambda m: m.init_weights())
             return net
-        self.engine = rt.build_engine(build, spec, ds_base, micro_batch=cfg.data.batch_size, grad_accum=1,
+        self.engine = rt.build_engine(init_net(cfg) if pc.init else build, spec, ds_base, micro_batch=cfg.data.batch_size, grad_accum=1,
                                       lr_lambda=lambda s: min(1.0, (s + 1) / warm))  # MAR: linear warmup, constant
         base = copy.deepcopy(ds_base)
         base["bf16"] = {"enabled": False}
