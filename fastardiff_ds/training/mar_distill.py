@@ -119,6 +119,8 @@ class MARDistillTask:
         self.dmd = DMDConfig(t_min=d.t_min, t_max=d.t_max,
                              fake=FlowMatchingConfig(batch_mul=1, t_dist="uniform", t_min=d.t_min, t_max=1.0))
         self.step_fns = {"dmd": self.dmd_step}
+        self.last_generator: dict = {}  # the last generator step's metrics, logged on every step (log_every need
+        # not be aligned with gen_every)
 
     def stage_of(self, step: int) -> str:
         return "dmd"
@@ -157,7 +159,8 @@ class MARDistillTask:
             self._finite(l_g, "student DMD loss", step)
             student.backward(l_g)
             student.step()
-            metrics.update(m)
+            self.last_generator = m
+        metrics.update(self.last_generator)
         l_f, m_f = dmd_fake_score_loss(head_fn(fake), x.detach(), z, gen, config=self.dmd)
         self._finite(l_f, "fake-score loss", step)
         fake.backward(l_f)
