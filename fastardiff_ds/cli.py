@@ -43,11 +43,29 @@ def config_from_args(args: argparse.Namespace, adopt_teacher: bool = False) -> C
             adopt_teacher_model(cfg, args.overrides)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    return _maybe_print(cfg, args)
+
+
+def _maybe_print(cfg, args: argparse.Namespace):
+    """--print-config: the resolved tree and its valid keys on stdout, then exit; else the config."""
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         print("\nvalid keys:\n  " + "\n  ".join(dotted_keys(cfg)))
         sys.exit(0)
     return cfg
+
+
+def add_c2i_args(parser: argparse.ArgumentParser, section: str, example: str) -> None:
+    """The class-conditional launchers' arguments: preset, config file, overrides, DeepSpeed config (`section`
+    .ds_config by default), resume, threads."""
+    parser.add_argument("--preset", default="mar-tiny", help="mar-tiny | mar-base | mar-large | mar-huge")
+    parser.add_argument("--config", default=None, help="JSON/YAML file merged over the preset")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (and valid keys), exit")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    parser.add_argument("--ds_config", default=None, help=f"DeepSpeed engine knobs (default: {section}.ds_config)")
+    parser.add_argument("--resume", default="auto", help="auto (latest if any) | none | a checkpoint tag or path")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
 
 def c2i_config_from_args(args: argparse.Namespace):
@@ -59,11 +77,7 @@ def c2i_config_from_args(args: argparse.Namespace):
         cfg = resolve_c2i_config(args.preset, args.config, args.overrides)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
-        print("\nvalid keys:\n  " + "\n  ".join(dotted_keys(cfg)))
-        sys.exit(0)
-    return cfg
+    return _maybe_print(cfg, args)
 
 
 def text_and_image_tokenizers(cfg: Config, device="cpu"):

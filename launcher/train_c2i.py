@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from _common import claim_run_dir  # noqa: E402
 from pretrain_c2i import ensure_c2i_shapes  # noqa: E402
-from fastardiff_ds.cli import c2i_config_from_args  # noqa: E402
+from fastardiff_ds.cli import add_c2i_args, c2i_config_from_args  # noqa: E402
 from fastardiff_ds.config import save_config, to_dict  # noqa: E402
 from fastardiff_ds.data.loader import build_loader  # noqa: E402
 from fastardiff_ds.engines import Runtime  # noqa: E402
@@ -40,14 +40,7 @@ from fastardiff_ds.training.preemption import PREEMPTED_EXIT_CODE, PreemptionWat
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="mar-tiny", help="mar-tiny | mar-base | mar-large | mar-huge")
-    p.add_argument("--config", default=None, help="JSON/YAML file merged over the preset")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config (and valid keys), exit")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.steps=100 distill.student_steps=2")
-    p.add_argument("--ds_config", default=None, help="DeepSpeed engine knobs (default: distill.ds_config)")
-    p.add_argument("--resume", default="auto", help="auto (latest if any) | none | a checkpoint tag or path")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    add_c2i_args(p, "distill", "distill.steps=100 distill.student_steps=2")
     args = p.parse_args(argv)
     cfg = c2i_config_from_args(args)
     if args.ds_config:

@@ -161,6 +161,16 @@ def leaves(obj, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def preset_table(base: dict, presets: dict) -> list[str]:
+    """Rows of the keys any preset sets to another value than `base` (the defaults)."""
+    keys = [k for k in base if k != "preset" and any(vals[k] != base[k] for vals in presets.values())]
+    rows = ["| key | " + " | ".join(f"`{p}`" for p in presets) + " |\n", "|---|" + "---|" * len(presets) + "\n"]
+    for k in keys:
+        cells = [value(vals[k]) if vals[k] != base[k] else "" for vals in presets.values()]
+        rows.append(f"| `{k}` | " + " | ".join(cell(c) for c in cells) + " |\n")
+    return rows
+
+
 def render() -> str:
     Config, PRESETS, get_preset = config_api()
     rng = ranges()
@@ -171,14 +181,9 @@ def render() -> str:
                   "\n|---|---|---|---|---|\n", "\n".join(rows), "\n"]
     base = leaves(Config())
     presets = {p: leaves(get_preset(p)) for p in PRESETS}
-    keys = [k for k in base if k != "preset" and any(vals[k] != base[k] for vals in presets.values())]
     parts += ["\n## Presets\n\n", "What each preset (`--preset NAME`) sets to a value other than the default above; "
               "derived keys (default None) show their derived value. `tiny` is the default preset.\n\n",
-              "| key | " + " | ".join(f"`{p}`" for p in presets) + " |\n",
-              "|---|" + "---|" * len(presets) + "\n"]
-    for k in keys:
-        cells = [value(vals[k]) if vals[k] != base[k] else "" for vals in presets.values()]
-        parts.append(f"| `{k}` | " + " | ".join(cell(c) for c in cells) + " |\n")
+              *preset_table(base, presets)]
     return "".join(parts) + render_c2i()
 
 
@@ -197,13 +202,8 @@ def render_c2i() -> str:
                   "\n|---|---|---|---|---|\n", "\n".join(rows), "\n"]
     base = leaves(C2IConfig())
     presets = {p: leaves(resolve_c2i_config(p)) for p in C2I_PRESETS}
-    keys = [k for k in base if k != "preset" and any(vals[k] != base[k] for vals in presets.values())]
     parts += ["\n## c2i presets\n\n", "What each class-conditional preset sets to a value other than the default "
-              "above (derived data keys show their derived value).\n\n",
-              "| key | " + " | ".join(f"`{p}`" for p in presets) + " |\n", "|---|" + "---|" * len(presets) + "\n"]
-    for k in keys:
-        cells = [value(vals[k]) if vals[k] != base[k] else "" for vals in presets.values()]
-        parts.append(f"| `{k}` | " + " | ".join(cell(c) for c in cells) + " |\n")
+              "above (derived data keys show their derived value).\n\n", *preset_table(base, presets)]
     return "".join(parts)
 
 
