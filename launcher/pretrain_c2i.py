@@ -54,6 +54,34 @@ def ensure_c2i_shapes(cfg, num_samples: int = C2I_SHAPES_SAMPLES) -> None:
                                           workers=min(8, os.cpu_count() or 1), task="single_object")))
 
 
+def run_c2i_job(cfg, args, make_trainer, name: str, grace_s: float, on_sample=None) -> None:
+    """The class-conditional launchers' body: claim run_dir, write the data (mar-tiny) and the config, build the
+    tokenizer, the trainer (`make_trainer(rt, tokenizer, logger_factory)`; a missing / mismatched checkpoint exits
+    with its message) and the loader, resume, fit; preemption exits 75."""
+    preemption = PreemptionWatcher(grace_s).install()
+    with Runtime.start() as rt:
+        claim_run_dir(cfg, rt)
+        if rt.is_rank0:
+            ensure_c2i_shapes(cfg)
+            save_config(cfg, Path(cfg.run_dir) / "config.json")
+        rt.barrier()
+        tokenizer = build_c2i_tokenizer(cfg, rt.device)
+        try:
+            trainer = make_trainer(rt, tokenizer, lambda run_id: make_logger(
+                cfg.wandb, cfg.run_dir, {"preset": cfg.preset, **to_dict(cfg)}, rt.rank, run_id, name=name))
+        except (FileNotFoundError, ValueError) as e:  # the teacher / pretrain.init: missing or another architecture
+            raise SystemExit(f"error: {e}") from None
+        loader = build_loader(cfg.data, rank=rt.rank, world_size=rt.world_size, pad_id=0, tokenize=lambda s: [])
+        resumed = trainer.resume("none" if args.resume == "never" else args.resume, loader)
+        if rt.is_rank0:
+            print(json.dumps({"resumed_at_step" if resumed else "fresh_run": trainer.step, "world_size": rt.world_size}))
+        summary = trainer.fit(loader, T_START, on_sample=on_sample(rt) if on_sample else None, preemption=preemption)
+        if rt.is_rank0:
+            print(json.dumps(summary))
+    if summary.get("preempted"):
+        sys.exit(PREEMPTED_EXIT_CODE)
+
+
 def sample_callback(cfg, rt, labels=tuple(range(0, 40, 5)), seeds=(0, 1)):
     """Rank 0 samples the exported checkpoint: one row per seed, one column per class, into samples/."""
     from fastardiff_ds.inference_c2i import generate_images
@@ -84,28 +112,8 @@ def main(argv=None):
         cfg.pretrain.ds_config = args.ds_config
     if args.threads:
         torch.set_num_threads(args.threads)
-    preemption = PreemptionWatcher(cfg.pretrain.preempt_grace_s).install()
-    with Runtime.start() as rt:
-        claim_run_dir(cfg, rt)
-        if rt.is_rank0:
-            ensure_c2i_shapes(cfg)
-            save_config(cfg, Path(cfg.run_dir) / "config.json")
-        rt.barrier()
-        tokenizer = build_c2i_tokenizer(cfg, rt.device)
-        try:
-            trainer = mar_pretrain_trainer(rt, cfg, tokenizer, lambda run_id: make_logger(
-                cfg.wandb, cfg.run_dir, {"preset": cfg.preset, **to_dict(cfg)}, rt.rank, run_id, name="mar-pretrain"))
-        except (FileNotFoundError, ValueError) as e:  # pretrain.init: missing or another architecture
-            raise SystemExit(f"error: {e}") from None
-        loader = build_loader(cfg.data, rank=rt.rank, world_size=rt.world_size, pad_id=0, tokenize=lambda s: [])
-        resumed = trainer.resume("none" if args.resume == "never" else args.resume, loader)
-        if rt.is_rank0:
-            print(json.dumps({"resumed_at_step" if resumed else "fresh_run": trainer.step, "world_size": rt.world_size}))
-        summary = trainer.fit(loader, T_START, on_sample=sample_callback(cfg, rt), preemption=preemption)
-        if rt.is_rank0:
-            print(json.dumps(summary))
-    if summary.get("preempted"):
-        sys.exit(PREEMPTED_EXIT_CODE)
+    run_c2i_job(cfg, args, lambda rt, tok, logs: mar_pretrain_trainer(rt, cfg, tok, logs), "mar-pretrain",
+                cfg.pretrain.preempt_grace_s, lambda rt: sample_callback(cfg, rt))
 
 
 if __name__ == "__main__":

@@ -15,27 +15,17 @@ Not in this job yet (issue 28): the draft MAR, the alpha-annealed joint loss and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
-T_START = time.time()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import claim_run_dir  # noqa: E402
-from pretrain_c2i import ensure_c2i_shapes  # noqa: E402
+from pretrain_c2i import run_c2i_job  # noqa: E402
 from fastardiff_ds.cli import add_c2i_args, c2i_config_from_args  # noqa: E402
-from fastardiff_ds.config import save_config, to_dict  # noqa: E402
-from fastardiff_ds.data.loader import build_loader  # noqa: E402
-from fastardiff_ds.engines import Runtime  # noqa: E402
-from fastardiff_ds.logging import make_logger  # noqa: E402
 from fastardiff_ds.models import resolve_asset  # noqa: E402
-from fastardiff_ds.models.image_tokenizers import build_c2i_tokenizer  # noqa: E402
 from fastardiff_ds.training.mar_distill import mar_distill_trainer  # noqa: E402
-from fastardiff_ds.training.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher  # noqa: E402
 
 
 def main(argv=None):
@@ -48,28 +38,8 @@ def main(argv=None):
     cfg.distill.teacher = resolve_asset(cfg.distill.teacher)
     if args.threads:
         torch.set_num_threads(args.threads)
-    preemption = PreemptionWatcher(cfg.distill.preempt_grace_s).install()
-    with Runtime.start() as rt:
-        claim_run_dir(cfg, rt)
-        if rt.is_rank0:
-            ensure_c2i_shapes(cfg)
-            save_config(cfg, Path(cfg.run_dir) / "config.json")
-        rt.barrier()
-        tokenizer = build_c2i_tokenizer(cfg, rt.device)
-        try:
-            trainer = mar_distill_trainer(rt, cfg, tokenizer, lambda run_id: make_logger(
-                cfg.wandb, cfg.run_dir, {"preset": cfg.preset, **to_dict(cfg)}, rt.rank, run_id, name="mar-dmd"))
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}") from None
-        loader = build_loader(cfg.data, rank=rt.rank, world_size=rt.world_size, pad_id=0, tokenize=lambda s: [])
-        resumed = trainer.resume("none" if args.resume == "never" else args.resume, loader)
-        if rt.is_rank0:
-            print(json.dumps({"resumed_at_step" if resumed else "fresh_run": trainer.step, "world_size": rt.world_size}))
-        summary = trainer.fit(loader, T_START, preemption=preemption)
-        if rt.is_rank0:
-            print(json.dumps(summary))
-    if summary.get("preempted"):
-        sys.exit(PREEMPTED_EXIT_CODE)
+    run_c2i_job(cfg, args, lambda rt, tok, logs: mar_distill_trainer(rt, cfg, tok, logs), "mar-dmd",
+                cfg.distill.preempt_grace_s)
 
 
 if __name__ == "__main__":
