@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .config.c2i import C2IConfig, resolve_c2i_config
-from .models.image_tokenizers import build_c2i_tokenizer
+from .models.c2i_tokenizer import build_c2i_tokenizer
 from .models.mar import MAR
 from .models.mar_checkpoint import load_mar, load_mar_export
 from .sampling.diffloss import SpacedCosine

@@ -33,7 +33,7 @@ from fastardiff_ds.config import save_config, to_dict  # noqa: E402
 from fastardiff_ds.data.loader import build_loader  # noqa: E402
 from fastardiff_ds.engines import Runtime  # noqa: E402
 from fastardiff_ds.logging import make_logger  # noqa: E402
-from fastardiff_ds.models.image_tokenizers import build_c2i_tokenizer  # noqa: E402
+from fastardiff_ds.models.c2i_tokenizer import build_c2i_tokenizer  # noqa: E402
 from fastardiff_ds.training.mar_pretrain import mar_pretrain_trainer  # noqa: E402
 from fastardiff_ds.training.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher  # noqa: E402
 

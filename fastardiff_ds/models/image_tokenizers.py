@@ -176,14 +176,3 @@ def build_image_tokenizer(cfg: ImageConfig, device=None):
         return VAETokenizer.from_local(cfg, device)
     raise ValueError(f"model.image.tokenizer='{cfg.tokenizer}' is not one of: pixel, vae")
 
-
-def build_c2i_tokenizer(cfg, device=None):
-    """The image tokenizer of a class-conditional (MAR) config (config/c2i.py): pixel patches of vae_stride, or
-    the KL-16 VAE at image.vae_path."""
-    m = cfg.model
-    if cfg.image.tokenizer == "pixel":
-        return PixelPatchTokenizer(ImageConfig(tokenizer="pixel", resolution=m.img_size, patch_size=m.vae_stride,
-                                               channels=3))
-    from .kl16_vae import KL16Tokenizer, load_kl16
-
-    return KL16Tokenizer(load_kl16(cfg.image.vae_path), m.patch_size, device)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from .image_tokenizers import patchify, unpatchify
 from .nextstep_vae import convert_official_state
 from .weights import load_pickle_weights_only
 
@@ -131,13 +132,9 @@ class KL16Tokenizer:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        from .image_tokenizers import patchify
-
         return patchify(self.vae.tokens(pixels, sample=sample), self.patch_size)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        from .image_tokenizers import unpatchify
-
         grid = round((tokens.shape[1]) ** 0.5)
         return self.vae.images(unpatchify(tokens, self.patch_size, self.vae.kl16.embed_dim, grid)).clamp(-1, 1)
