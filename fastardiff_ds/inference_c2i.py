@@ -57,18 +57,18 @@ def parse_sampling_overrides(items: list[str]) -> dict:
 
 def load_student(folder: Path, model: MAR):
     """(few-step student `DiffLossFlow`, its steps, its first time) from a launcher/train_c2i.py export."""
-    import copy
     import json
 
     from safetensors.torch import load_file
 
+    from .models.mar import diffloss_net
     from .sampling.diffloss_flow import DiffLossFlow
 
     path = folder / "student_head.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no student_head.safetensors, so no --mode dmd: distil one with "
                                 "launcher/train_c2i.py (its run_dir/export), or use --mode baseline")
-    net = copy.deepcopy(model.diffloss.net)
+    net = diffloss_net(model.cfg)
     net.load_state_dict(load_file(str(path)))
     meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
     return DiffLossFlow(net).eval(), int(meta.get("student_steps", 4)), float(meta.get("student_s_min", 0.05))
@@ -144,7 +144,3 @@ class MARPipeline:
     def generate(self, labels, seed: int = 0, **overrides) -> list[Image.Image]:
         return to_pil(self.tokenizer.decode(self.generate_tokens(labels, seed, **overrides)))
 
-
-def generate_images(checkpoint: str | Path, labels: list[int], seed: int = 0, device: str = "cpu",
-                    mode: str = "baseline", **overrides) -> list[Image.Image]:
-    return MARPipeline.from_pretrained(checkpoint, device, mode=mode).generate(labels, seed, **overrides)

@@ -84,14 +84,14 @@ def run_c2i_job(cfg, args, make_trainer, name: str, grace_s: float, on_sample=No
 
 def sample_callback(cfg, rt, labels=tuple(range(0, 40, 5)), seeds=(0, 1)):
     """Rank 0 samples the exported checkpoint: one row per seed, one column per class, into samples/."""
-    from fastardiff_ds.inference_c2i import generate_images
+    from fastardiff_ds.inference_c2i import MARPipeline
     from fastardiff_ds.visual import make_grid
 
     def callback(trainer, logger, export_dir) -> None:
         if rt.is_rank0 and export_dir is not None:
-            images, names = [], []
+            pipe, images, names = MARPipeline.from_pretrained(export_dir, str(rt.device)), [], []
             for seed in seeds:
-                images += generate_images(export_dir, list(labels), seed=seed, device=str(rt.device))
+                images += pipe.generate(list(labels), seed=seed)
                 names += [f"class {c}" for c in labels]
             out = Path(cfg.run_dir) / "samples"
             out.mkdir(parents=True, exist_ok=True)

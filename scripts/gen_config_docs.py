@@ -171,14 +171,20 @@ def preset_table(base: dict, presets: dict) -> list[str]:
     return rows
 
 
+def section_tables(root, rng: dict, title: str = "") -> list[str]:
+    """One `## title `section`` heading, its class's first doc paragraph and its key table per config section."""
+    parts = []
+    for name, cls, rows in section_rows(root, "", rng):
+        doc = own_doc(cls).split("\n\n")[0].replace("\n", " ")
+        parts += [f"\n## {title}`{name}`\n", f"{doc}\n" if doc else "", "\n| key | type | default | range | note |",
+                  "\n|---|---|---|---|---|\n", "\n".join(rows), "\n"]
+    return parts
+
+
 def render() -> str:
     Config, PRESETS, get_preset = config_api()
     rng = ranges()
-    parts = [HEADER]
-    for name, cls, rows in section_rows(Config(), "", rng):
-        doc = own_doc(cls).split("\n\n")[0].replace("\n", " ")
-        parts += [f"\n## `{name}`\n", f"{doc}\n" if doc else "", "\n| key | type | default | range | note |",
-                  "\n|---|---|---|---|---|\n", "\n".join(rows), "\n"]
+    parts = [HEADER, *section_tables(Config(), rng)]
     base = leaves(Config())
     presets = {p: leaves(get_preset(p)) for p in PRESETS}
     parts += ["\n## Presets\n\n", "What each preset (`--preset NAME`) sets to a value other than the default above; "
@@ -195,11 +201,7 @@ def render_c2i() -> str:
     parts = ["\n# Class-conditional (MAR) config\n\n", "The MAR row's jobs (`launcher/pretrain_c2i.py`, "
              "`launcher/train_c2i.py`) resolve their own tree the same way (`--preset mar-tiny` is the default; "
              "`--print-config` prints it). Ranges and cross-key rules are checked by each section when it is "
-             "resolved, each error naming the key.\n"]
-    for name, cls, rows in section_rows(C2IConfig(), "", {}):
-        doc = own_doc(cls).split("\n\n")[0].replace("\n", " ")
-        parts += [f"\n## c2i `{name}`\n", f"{doc}\n" if doc else "", "\n| key | type | default | range | note |",
-                  "\n|---|---|---|---|---|\n", "\n".join(rows), "\n"]
+             "resolved, each error naming the key.\n", *section_tables(C2IConfig(), {}, "c2i ")]
     base = leaves(C2IConfig())
     presets = {p: leaves(resolve_c2i_config(p)) for p in C2I_PRESETS}
     parts += ["\n## c2i presets\n\n", "What each class-conditional preset sets to a value other than the default "

@@ -68,6 +68,12 @@ class MARConfig:
         return self.vae_embed_dim * self.patch_size**2
 
 
+def diffloss_net(cfg: MARConfig) -> SimpleMLPAdaLN:
+    """MAR's DiffLoss net: tokens of token_dim, conditions of dec_dim, learned sigma (out 2 token_dim)."""
+    return SimpleMLPAdaLN(cfg.token_dim, cfg.dec_dim, cfg.diffloss_w, cfg.diffloss_d, mlp_ratio=1.0,
+                          out_dim=2 * cfg.token_dim)
+
+
 def _ln(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6)  # mar_base/large/huge pass norm_layer=partial(nn.LayerNorm, eps=1e-6)
 
@@ -131,8 +137,7 @@ class MAR(nn.Module):
         self.decoder_norm = _ln(Dd)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dd))
         self.diffloss = nn.Module()
-        self.diffloss.net = SimpleMLPAdaLN(cfg.token_dim, Dd, cfg.diffloss_w, cfg.diffloss_d, mlp_ratio=1.0,
-                                           out_dim=2 * cfg.token_dim)
+        self.diffloss.net = diffloss_net(cfg)
 
     def init_weights(self) -> None:
         """MAR's `initialize_weights`: embeddings, the mask token and positions N(0, 0.02^2), Linear xavier-uniform

@@ -14,7 +14,6 @@ DMD, and speculative decoding over MAR steps.
 """
 from __future__ import annotations
 
-import copy
 import math
 import shutil
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..config.overrides import to_dict
 from ..losses.consistency import consistency_function
 from ..losses.dmd import DMDConfig, dmd_fake_score_loss, dmd_generator_loss
 from ..losses.flow_matching import FlowMatchingConfig, interpolate
-from ..models.mar import MAR
+from ..models.mar import MAR, diffloss_net
 from ..models.mar_checkpoint import EXPORT_WEIGHTS
 from ..sampling.diffloss_flow import DiffLossFlow, guided_velocity
 from ..sampling.mar_loop import random_orders, student_grid
@@ -98,9 +97,9 @@ class MARDistillTask:
         ds_base = E.load_ds_config(d.ds_config)
         heads = {}
         for name, lr in (("student", d.lr_student), ("fake", d.lr_fake)):
-            mar = MAR(cfg.model)
-            mar.diffloss.net.load_state_dict(head_state(state))
-            net = Dispatch(DiffLossFlow(copy.deepcopy(mar.diffloss.net)))
+            head = diffloss_net(cfg.model)
+            head.load_state_dict(head_state(state))
+            net = Dispatch(DiffLossFlow(head))
             spec = E.EngineSpec(name, lr, tuple(d.betas), schedule="constant")
             heads[name] = rt.build_engine(net, spec, ds_base, micro_batch=cfg.data.batch_size, grad_accum=1)
         self.engines = heads

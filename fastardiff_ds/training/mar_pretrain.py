@@ -13,7 +13,6 @@ Every draw comes from the loop's generator, so a resumed run continues the same 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -32,6 +31,7 @@ from ..sampling.diffloss import SpacedCosine
 from ..sampling.mar_loop import random_orders
 from .loop import LoopConfig, Trainer
 from .networks import Dispatch
+from .pretrain import build_fp32_ema
 
 
 def mask_rate(generator: torch.Generator | None, lo: float) -> float:
@@ -122,15 +122,11 @@ class MARPretrainTask:
             net = build_mar_train_net(cfg)
             rt.rerun_init_partitioned(net.inner.mar, lambda m: m.init_weights())
             return net
-        self.engine = rt.build_engine(init_net(cfg) if pc.init else build, spec, ds_base, micro_batch=cfg.data.batch_size, grad_accum=1,
+        self.engine = rt.build_engine(init_net(cfg) if pc.init else build, spec, ds_base,
+                                      micro_batch=cfg.data.batch_size, grad_accum=1,
                                       lr_lambda=lambda s: min(1.0, (s + 1) / warm))  # MAR: linear warmup, constant
-        base = copy.deepcopy(ds_base)
-        base["bf16"] = {"enabled": False}
-        sharded = ds_base.get("zero_optimization", {}).get("stage", 0) == 3
-        self.ema_module = rt.build_frozen("ema", lambda: build_mar_train_net(cfg), base,
-                                          micro_batch=cfg.data.batch_size, replicate=not sharded)
-        self.ema = E.EMA(self.engine, self.ema_module)
-        self.ema.update(0.0)
+        self.ema, self.ema_module = build_fp32_ema(rt, self.engine, lambda: build_mar_train_net(cfg), ds_base,
+                                                   cfg.data.batch_size)
         self.engines, self.modules = {"model": self.engine}, {"ema": self.ema_module}
         self.step_fns = {"pretrain": self.pretrain_step}
 

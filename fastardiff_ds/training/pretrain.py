@@ -97,6 +97,19 @@ def split_state(state: dict[str, torch.Tensor], target: nn.Module, head: nn.Modu
     return parts[0], parts[1]
 
 
+def build_fp32_ema(rt, engine, build_fn, ds_base: dict, micro_batch: int):
+    """(EMA tracker, its frozen module) of `engine`: fp32 (an EMA in bf16 would round away updates of size
+    (1 - decay)), partitioned like the engine under ZeRO-3 (shard-wise update, no communication), replicated
+    otherwise; starts as a copy of the engine. `build_fn` builds the engine's network."""
+    base = copy.deepcopy(ds_base)
+    base["bf16"] = {"enabled": False}
+    sharded = ds_base.get("zero_optimization", {}).get("stage", 0) == 3
+    ema = rt.build_frozen("ema", build_fn, base, micro_batch=micro_batch, replicate=not sharded)
+    tracker = E.EMA(engine, ema)
+    tracker.update(0.0)
+    return tracker, ema
+
+
 class PretrainTask:
     """Stage-0 networks and the "pretrain" step function for `training.loop.Trainer`."""
 
@@ -133,15 +146,8 @@ class PretrainTask:
         return build
 
     def _build_ema(self, ds_base: dict):
-        """fp32 (an EMA in bf16 would round away updates of size (1 - decay)), partitioned like the engine under
-        ZeRO-3 (shard-wise update, no communication), replicated otherwise; starts as a copy of the engine."""
-        base = copy.deepcopy(ds_base)
-        base["bf16"] = {"enabled": False}
-        sharded = ds_base.get("zero_optimization", {}).get("stage", 0) == 3
-        ema = self.rt.build_frozen("ema", lambda: build_pretrain_net(self.cfg), base,
-                                   micro_batch=self.cfg.data.batch_size, replicate=not sharded)
-        self.ema = E.EMA(self.engine, ema)
-        self.ema.update(0.0)
+        self.ema, ema = build_fp32_ema(self.rt, self.engine, lambda: build_pretrain_net(self.cfg), ds_base,
+                                       self.cfg.data.batch_size)
         return ema
 
     def stage_of(self, step: int) -> str:
