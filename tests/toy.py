@@ -112,3 +112,29 @@ class ToyAR:
         cache.lengths = cache.lengths + T
         cond = torch.stack(conds, 1)
         return ToyStep(cond, cond, self._entropy(tokens.to(self.dtype)))
+
+
+MAR_SMALL = ["model.enc_dim=32", "model.dec_dim=32", "model.enc_depth=1", "model.dec_depth=1", "model.diffloss_w=32",
+             "model.diffloss_d=1"]
+
+
+def tiny_mar_export(folder, overrides=(), jitter: float = 0.0, seed: int = 0):
+    """A MAR export (config.json + model.safetensors) of the mar-tiny preset at MAR_SMALL + `overrides`, with MAR's
+    init plus N(0, jitter^2) on every weight (jitter > 0: a non-trivial head; adaLN-zero alone gives eps = 0).
+    Returns (folder, its C2IConfig)."""
+    import torch
+
+    from fastardiff_ds.config.c2i import resolve_c2i_config
+    from fastardiff_ds.models.mar import MAR
+    from fastardiff_ds.models.mar_checkpoint import save_mar_export
+
+    cfg = resolve_c2i_config("mar-tiny", overrides=[*MAR_SMALL, *overrides])
+    torch.manual_seed(seed)
+    mar = MAR(cfg.model)
+    mar.init_weights()
+    if jitter:
+        with torch.no_grad():
+            for p in mar.parameters():
+                p.add_(jitter * torch.randn_like(p))
+    save_mar_export(folder, cfg, mar.state_dict(), meta={"stage": "test"})
+    return folder, cfg

@@ -71,3 +71,21 @@ def metrics_by_step(path) -> dict[int, dict]:
         row = json.loads(line)
         rows[row["step"]] = row
     return rows
+
+
+def killed_and_resumed(script: str, args, tmp_path, at: int, num_ranks: int = 2) -> tuple[dict, dict, Path]:
+    """Run `script` to the end in tmp_path/ref; run it again in tmp_path/killed, SIGKILL it once its step-`at`
+    checkpoint is the latest, resume with --resume auto. `args(run_dir)` gives the arguments. Checks that both
+    finish on `num_ranks` ranks and that the resume started at `at`; returns (reference rows, resumed rows, ref dir)
+    of metrics.jsonl."""
+    ref = run(script, args(tmp_path / "ref"), num_ranks=num_ranks)
+    assert ref.returncode == 0, ref.stdout[-5000:]
+    assert f'"world_size": {max(num_ranks, 1)}' in ref.stdout
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    run_until(script, args(tmp_path / "killed"), num_ranks=num_ranks,
+              done=lambda: latest.is_file() and latest.read_text().strip() == f"step_{at:06d}")
+    res = run(script, [*args(tmp_path / "killed"), "--resume", "auto"], num_ranks=num_ranks)
+    assert res.returncode == 0, res.stdout[-5000:]
+    assert f'"resumed_at_step": {at}' in res.stdout
+    return (metrics_by_step(tmp_path / "ref" / "metrics.jsonl"), metrics_by_step(tmp_path / "killed" / "metrics.jsonl"),
+            tmp_path / "ref")

@@ -44,18 +44,9 @@ def test_errors_name_the_fix(tmp_path):
 
 def test_class_labels_with_a_mar_export(tmp_path):
     """--class-label on a MAR export: one PNG per image, seeded by class, errors for a bad label / key / mode."""
-    import torch
+    from toy import tiny_mar_export
 
-    from fastardiff_ds.config.c2i import resolve_c2i_config
-    from fastardiff_ds.models.mar import MAR
-    from fastardiff_ds.models.mar_checkpoint import save_mar_export
-
-    cfg = resolve_c2i_config("mar-tiny", overrides=["model.enc_dim=32", "model.dec_dim=32", "model.enc_depth=1",
-                                                    "model.dec_depth=1", "model.diffloss_w=32", "model.diffloss_d=1"])
-    torch.manual_seed(0)
-    mar = MAR(cfg.model)
-    mar.init_weights()
-    save_mar_export(tmp_path / "ck", cfg, mar.state_dict())
+    tiny_mar_export(tmp_path / "ck")
     args = ["--ckpt", str(tmp_path / "ck"), "--class-label", "3", "--class-label", "39", "--num-images", "2",
             "sampling.num_iter=2", "sampling.num_sampling_steps=3", "--threads", "1"]
     a, b = _generate(tmp_path / "a", *args), _generate(tmp_path / "b", *args)

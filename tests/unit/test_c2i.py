@@ -17,9 +17,9 @@ from fastardiff_ds.data.loader import build_loader
 from fastardiff_ds.models.mar import MAR
 from fastardiff_ds.models.mar_checkpoint import load_mar_export, save_mar_export
 from fastardiff_ds.training.mar_pretrain import MARTrainNet, mask_rate
+from toy import MAR_SMALL, tiny_mar_export
 
-SMALL = ["model.enc_dim=32", "model.dec_dim=32", "model.diffloss_w=32", "model.diffloss_d=1", "model.enc_depth=1",
-         "model.dec_depth=1", "sampling.num_iter=4", "sampling.num_sampling_steps=5"]
+SMALL = [*MAR_SMALL, "sampling.num_iter=4", "sampling.num_sampling_steps=5"]
 
 
 def test_presets_resolve_and_bad_values_name_the_key():
@@ -237,11 +237,7 @@ def test_c2i_eval_reports_fid_accuracy_and_speed(tmp_path):
 
     from eval_suites.c2i_eval import main as c2i_eval
 
-    cfg = resolve_c2i_config("mar-tiny", overrides=SMALL)
-    torch.manual_seed(0)
-    model = MAR(cfg.model)
-    model.init_weights()
-    save_mar_export(tmp_path / "ck", cfg, model.state_dict())
+    tiny_mar_export(tmp_path / "ck")
     common = ["--ckpt", str(tmp_path / "ck"), "--per-class", "2", "--classes", "3", "--threads", "1",
               "sampling.num_iter=2", "sampling.num_sampling_steps=3"]
     res = c2i_eval([*common, "--ref-n", "12", "--out", str(tmp_path / "r.json")])
